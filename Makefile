@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine:
+#   make book   build the HTML book into _build/html
+#   make test   run every test (unit, notebooks, strict book build, browser)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+EXTRAS := book,test,triton
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export MPLBACKEND := Agg
+
+.PHONY: book test unit nbval build-strict browser notebooks bench clean
+
+# (Re)install only when the dependency declarations change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build --quiet .
+	@echo "The book: $(CURDIR)/_build/html/index.html"
+
+test: unit nbval build-strict browser
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests --ignore=tests/browser -q
+
+nbval: $(STAMP)
+	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with .nbval-sanitize.cfg chapters -q
+
+build-strict: $(STAMP)
+	rm -rf _build/html _build/.doctrees
+	$(BIN)/jupyter-book build -W -n --keep-going .
+
+browser: $(STAMP)
+	@echo "(browser tests: not yet written)"
+
+# Re-execute every chapter in place from a fresh kernel (after changing celib).
+notebooks: $(STAMP)
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace chapters/*.ipynb
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_cpu.py
+
+clean:
+	rm -rf _build

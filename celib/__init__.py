@@ -1,0 +1,40 @@
+"""celib: cross-entropy losses to read, to check against PyTorch, and to train with.
+
+- :mod:`celib.ref`: NumPy reference implementations, written to be read.
+- ``celib.cross_entropy`` and friends: drop-ins for ``torch.nn.functional``
+  (same names, arguments, defaults and results), with clear errors.
+- :mod:`celib.nn`: the matching ``torch.nn`` modules.
+- :func:`celib.diagnose`: names a mistake in the inputs to a loss, and its fix.
+- :mod:`celib.kernels`: a fused Triton softmax-cross-entropy kernel (optional;
+  imported only when used, so celib works where triton is absent).
+"""
+
+from celib import nn, ref
+from celib.diagnose import Finding, diagnose
+from celib.errors import InputError
+from celib.functional import (
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    focal_loss,
+    kl_div,
+    nll_loss,
+    sigmoid_focal_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Finding",
+    "InputError",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "diagnose",
+    "focal_loss",
+    "kl_div",
+    "nll_loss",
+    "nn",
+    "ref",
+    "sigmoid_focal_loss",
+]

@@ -1,0 +1,159 @@
+"""Name the usual mistakes in the inputs to a classification loss, and their fixes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found by :func:`diagnose`.
+
+    Attributes:
+        code: a short stable identifier, e.g. ``"softmax-before-cross-entropy"``.
+        message: what looks wrong, with the numbers that show it.
+        fix: what to change in the calling code.
+    """
+
+    code: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}\n    fix: {self.fix}"
+
+
+def _is_binary_setup(input: torch.Tensor, target: torch.Tensor) -> bool:
+    """Elementwise 0/1 targets of the input's shape that are not one-hot rows: a BCE-style call."""
+    if target.shape != input.shape or not target.is_floating_point() or target.numel() == 0:
+        return False
+    if not bool(((target == 0) | (target == 1)).all()):
+        return False
+    if input.dim() == 1:
+        return True
+    return not bool((target.sum(dim=1) == 1).all())
+
+
+def _looks_like_probabilities(x: torch.Tensor, class_dim: int | None) -> bool:
+    """All values in [0, 1] and, when ``class_dim`` is given, summing to 1 along it."""
+    if x.numel() == 0 or not bool(((x >= 0) & (x <= 1)).all()):
+        return False
+    if class_dim is None:
+        return True
+    return bool(torch.allclose(x.double().sum(dim=class_dim), torch.ones((), dtype=torch.float64), atol=1e-3))
+
+
+def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100) -> list[Finding]:
+    """Check a (logits, target) pair for the mistakes learners make with cross-entropy losses.
+
+    Args:
+        input: what would be passed as ``input`` to :func:`celib.cross_entropy`
+            (logits (N, C) or (N, C, d1, ..., dk)), or to
+            :func:`celib.binary_cross_entropy_with_logits` (logits with a target
+            of 0/1 values of the same shape).
+        target: the matching target.
+        ignore_index: the target value that marks positions to skip.
+
+    Returns:
+        A list of :class:`Finding` (empty when the inputs look right). The
+        checks read the data, so call this while debugging, not in every step.
+    """
+    findings: list[Finding] = []
+    input = torch.as_tensor(input)
+    target = torch.as_tensor(target)
+    if input.is_floating_point() and not bool(torch.isfinite(input).all()):
+        bad = int((~torch.isfinite(input)).sum())
+        findings.append(Finding(
+            "non-finite-input",
+            f"input holds {bad} NaN or Inf value(s); the loss and every gradient will be NaN.",
+            "find where they appear (torch.autograd.set_detect_anomaly(True), or check activations layer by layer); "
+            "the usual causes are a learning rate that is too high, log(0) in a hand-written loss, or bad data.",
+        ))
+    if input.dim() == 0 or not input.is_floating_point():
+        return findings
+
+    if _is_binary_setup(input, target):
+        if _looks_like_probabilities(input, None) and input.numel() > 1:
+            findings.append(Finding(
+                "probabilities-to-bce-with-logits",
+                "every input value lies in [0, 1]: these look like probabilities (sigmoid already applied), "
+                "but binary_cross_entropy_with_logits applies the sigmoid itself.",
+                "pass the raw logits (remove the final torch.sigmoid), or use binary_cross_entropy on probabilities.",
+            ))
+        return findings
+
+    class_dim = 0 if input.dim() == 1 else 1
+    num_classes = input.shape[class_dim]
+    if num_classes == 1:
+        findings.append(Finding(
+            "single-logit",
+            "input has a single class (C = 1): softmax over one logit is always 1, so cross-entropy is always 0 "
+            "and nothing is learned.",
+            "for a binary problem use binary_cross_entropy_with_logits(input.squeeze(1), target.float()); "
+            "or give the model 2 outputs and keep cross_entropy.",
+        ))
+    elif _looks_like_probabilities(input, class_dim):
+        findings.append(Finding(
+            "softmax-before-cross-entropy",
+            "every row of input lies in [0, 1] and sums to 1: softmax was applied before cross_entropy, which "
+            "applies log_softmax itself. The loss is squashed and gradients shrink.",
+            "pass the raw logits (remove the softmax); use log_softmax + nll_loss only if you need log-probabilities.",
+        ))
+
+    if target.is_floating_point():
+        if target.shape == input.shape:
+            return findings  # probability targets: valid
+        if target.shape == input.shape[:class_dim] + input.shape[class_dim + 1:]:
+            findings.append(Finding(
+                "target-dtype",
+                f"target has dtype {target.dtype} and the shape of class indices; cross_entropy reads a float "
+                "target as class probabilities, which must have the input's shape.",
+                "convert the class indices with target.long().",
+            ))
+        return findings
+
+    if target.dtype != torch.int64:
+        findings.append(Finding(
+            "target-dtype",
+            f"target has dtype {target.dtype}; torch.nn.functional.cross_entropy wants int64 (long) class indices.",
+            "convert with target.long().",
+        ))
+
+    expected = tuple(input.shape[:class_dim] + input.shape[class_dim + 1:])
+    if target.shape == input.shape and bool(((target == 0) | (target == 1)).all()) and input.dim() >= 2:
+        if bool((target.sum(dim=class_dim) == 1).all()):
+            findings.append(Finding(
+                "one-hot-target",
+                f"target has the input's shape {tuple(input.shape)} and holds one 1 per row: a one-hot encoding, "
+                "where cross_entropy expects class indices.",
+                "pass target.argmax(dim=1); or target.float() if you really mean class probabilities.",
+            ))
+            return findings
+    if input.dim() >= 3 and tuple(target.shape) == tuple(input.shape[:-1]) and tuple(target.shape) != expected:
+        findings.append(Finding(
+            "class-dim-last",
+            f"input {tuple(input.shape)} with target {tuple(target.shape)}: the classes are in the last dimension, "
+            "but cross_entropy reads them from dim 1.",
+            f"use input.movedim(-1, 1), or flatten: input.reshape(-1, {input.shape[-1]}) with target.reshape(-1). "
+            "Do not use input.reshape(N, C, T): that scrambles the values.",
+        ))
+        return findings
+    if tuple(target.shape) != expected:
+        findings.append(Finding(
+            "target-shape",
+            f"target shape {tuple(target.shape)} does not fit input shape {tuple(input.shape)}: expected {expected}.",
+            "give one class index per position: the input's shape without its class dimension.",
+        ))
+        return findings
+    out_of_range = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(out_of_range.any()):
+        values = sorted({int(v) for v in target[out_of_range].unique()[:5]})
+        findings.append(Finding(
+            "target-out-of-range",
+            f"target holds class indices {values} outside [0, {num_classes - 1}] for {num_classes} classes.",
+            "check the label encoding (labels starting at 1 need target - 1), the model's number of outputs, and "
+            f"that padding uses ignore_index={ignore_index}.",
+        ))
+    return findings

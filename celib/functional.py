@@ -1,0 +1,354 @@
+"""Differentiable losses with the names, arguments and semantics of ``torch.nn.functional``.
+
+Each function checks its arguments (raising :class:`celib.InputError` with a
+fix instead of a device-side assert), then computes the loss with PyTorch
+operations, so autograd provides the gradient. :func:`cross_entropy` can
+instead run celib's fused Triton kernel (``backend="triton"``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from celib import validate
+from celib.errors import InputError
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _kernels():
+    """Import the optional Triton kernels only when they are asked for."""
+    from celib import kernels
+
+    return kernels
+
+
+def _positions_weight(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-position weight of an index target: ``weight[target]``, 0 where ignored."""
+    kept = target != ignore_index
+    safe = torch.where(kept, target, torch.zeros_like(target))
+    w = torch.ones_like(safe, dtype=dtype) if weight is None else weight.to(dtype)[safe]
+    return w * kept
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    backend: str = "auto",
+    check_inputs: bool = True,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+    loss_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Cross-entropy between logits and class indices or class probabilities.
+
+    A drop-in for :func:`torch.nn.functional.cross_entropy`: with the default
+    keyword-only options the result and its gradient are PyTorch's.
+
+    Args:
+        input: logits (unnormalised scores), float16/bfloat16/float32/float64, of
+            shape (C,), (N, C) or (N, C, d1, ..., dk). The class dimension is
+            dim 1 (dim 0 for a 1-D input).
+        target: either class indices, an integer tensor of shape (), (N,) or
+            (N, d1, ..., dk) with values in [0, C-1] or ``ignore_index``
+            (int64 as PyTorch wants; other integer dtypes are accepted and
+            cast); or class probabilities, a float tensor of the input's shape.
+        weight: optional float tensor of shape (C,), a rescaling per class.
+        ignore_index: a target value whose positions contribute no loss and no
+            gradient (index targets only).
+        reduction: ``"none"`` (loss per position, shape of the batch),
+            ``"sum"``, or ``"mean"``: the sum divided by the summed weights of
+            the kept targets (by the number of positions for probability
+            targets). If every target is ignored the mean is nan, as in PyTorch.
+        label_smoothing: in [0, 1]; the target becomes
+            :math:`(1-\alpha)\,y + \alpha/C`, with PyTorch's exact treatment of
+            weights and ignored positions.
+        backend: ``"torch"`` (PyTorch operations), ``"triton"`` (celib's fused
+            kernel; on CPU tensors it runs under Triton's interpreter, slowly),
+            or ``"auto"``: the kernel for CUDA tensors when triton is installed
+            and the kernel applies, PyTorch otherwise. ``"auto"`` never picks the
+            interpreter.
+        check_inputs: validate target values (a class index outside [0, C-1]
+            raises :class:`celib.InputError`). This reads the target and
+            synchronises with the GPU; ``False`` skips it.
+        z_loss: coefficient ``c`` of the z-loss (PaLM): ``c * lse**2`` is added
+            to the loss of every kept position, not multiplied by ``weight``,
+            and divided by the same denominator as the cross-entropy under
+            ``"mean"``.
+        softcap: if set to ``s``, logits become ``s * tanh(logits / s)``
+            (Gemma 2's soft-capping) before anything else.
+        return_lse: also return the per-position log-sum-exp (float32, the batch
+            shape), as a tuple ``(loss, lse)``.
+        inplace_backward: Triton kernel only: write the gradient over the
+            logits' storage to save memory; the input's values are destroyed.
+            The PyTorch path ignores it.
+        loss_dtype: dtype of the returned loss; ``None`` keeps the input's dtype
+            (as PyTorch). ``torch.float32`` returns a float32 loss for half inputs.
+
+    Returns:
+        The loss (0-dim unless ``reduction="none"``), and the lse if asked.
+
+    Raises:
+        InputError: on any invalid argument, with the fix in the message.
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}.")
+    validate.check_cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing)
+    if softcap is not None and not float(softcap) > 0:
+        raise InputError(f"softcap must be a positive number or None, got {softcap}.")
+    if float(z_loss) < 0:
+        raise InputError(f"z_loss must be >= 0, got {z_loss}.")
+    use_kernel = backend == "triton"
+    if backend == "auto" and input.is_cuda:
+        kernels = _kernels()
+        use_kernel = kernels.available() and kernels.applies(input, target)
+    if use_kernel:
+        return _kernels().triton_cross_entropy(
+            input,
+            target,
+            weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            return_lse=return_lse,
+            inplace_backward=inplace_backward,
+            loss_dtype=loss_dtype,
+            check_inputs=check_inputs,
+        )
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if validate.is_index_target(target):
+        if check_inputs:
+            validate.check_target_range(target, num_classes, ignore_index)
+        if target.dtype != torch.int64:
+            target = target.long()
+    logits = input if softcap is None else softcap * torch.tanh(input / softcap)
+    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    lse = None
+    if z_loss or return_lse:
+        lse = torch.logsumexp(logits.float(), dim=0 if input.dim() == 1 else 1)
+    if z_loss:
+        loss = loss + _z_term(z_loss, lse, target, weight, ignore_index, reduction).to(loss.dtype)
+    if loss_dtype is not None:
+        loss = loss.to(loss_dtype)
+    return (loss, lse) if return_lse else loss
+
+
+def _z_term(
+    z_loss: float,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+) -> torch.Tensor:
+    """``z_loss * lse**2`` over kept positions, reduced like the cross-entropy it is added to."""
+    if validate.is_index_target(target):
+        kept = (target != ignore_index).to(lse.dtype)
+        denominator = _positions_weight(target, weight, ignore_index, lse.dtype).sum()
+    else:
+        kept = torch.ones_like(lse)
+        denominator = torch.tensor(float(lse.numel()), dtype=lse.dtype, device=lse.device)
+    term = z_loss * lse.square() * kept
+    if reduction == "none":
+        return term
+    if reduction == "sum":
+        return term.sum()
+    return term.sum() / denominator
+
+
+def nll_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Negative log-likelihood of class indices, given log-probabilities.
+
+    A drop-in for :func:`torch.nn.functional.nll_loss`: ``input`` holds
+    log-probabilities (e.g. from ``log_softmax``) of shape (C,), (N, C) or
+    (N, C, d1, ..., dk); ``target`` holds class indices of shape (), (N,) or
+    (N, d1, ..., dk). The loss of a position is ``-weight[t] * input[t]``;
+    ``"mean"`` divides by the summed weights of the kept targets.
+
+    Raises:
+        InputError: on any invalid argument, including a class index outside
+            [0, C-1] that is not ``ignore_index``.
+    """
+    validate.check_classification_args(input, target, weight, reduction, allow_probabilities=False)
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    validate.check_target_range(target, num_classes, ignore_index)
+    return F.nll_loss(input, target.long(), weight, ignore_index=ignore_index, reduction=reduction)
+
+
+def _check_elementwise(input: torch.Tensor, target: torch.Tensor, reduction: str) -> None:
+    validate.check_floating("input", input)
+    if not isinstance(target, torch.Tensor):
+        raise InputError(f"target must be a torch.Tensor, got {type(target).__name__}.")
+    if not target.is_floating_point():
+        raise InputError(f"target must be a float tensor of 0s and 1s (or soft labels), got {target.dtype}; use target.float().")
+    validate.check_same_shape(input, target)
+    validate.check_reduction(reduction)
+
+
+def _check_broadcast(name: str, tensor: torch.Tensor | None, shape: torch.Size) -> None:
+    if tensor is None:
+        return
+    validate.check_floating(name, tensor)
+    try:
+        torch.broadcast_shapes(tensor.shape, shape)
+    except RuntimeError:
+        raise InputError(f"{name} of shape {tuple(tensor.shape)} does not broadcast to the input's shape {tuple(shape)}.") from None
+
+
+def binary_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Binary cross-entropy between predicted probabilities and targets.
+
+    A drop-in for :func:`torch.nn.functional.binary_cross_entropy`. ``input``
+    holds probabilities in [0, 1] (any shape, float); ``target`` has the same
+    shape, values in [0, 1]. Each log is clamped at -100, as PyTorch does, so a
+    probability of exactly 0 or 1 on the wrong side costs 100, not infinity.
+    Prefer :func:`binary_cross_entropy_with_logits`, which is exact.
+
+    Raises:
+        InputError: input outside [0, 1] (it names ``..._with_logits`` as the
+            fix), shape mismatch, bad reduction.
+    """
+    _check_elementwise(input, target, reduction)
+    _check_broadcast("weight", weight, input.shape)
+    validate.check_probabilities("input", input)
+    validate.check_probabilities("target", target)
+    return F.binary_cross_entropy(input, target, weight, reduction=reduction)
+
+
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    pos_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Sigmoid and binary cross-entropy in one numerically stable step.
+
+    A drop-in for :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
+    ``input`` holds logits (any shape, float); ``target`` the same shape, in
+    [0, 1]. The loss of an element is
+    :math:`-w\,[\,p_c\,y \log\sigma(x) + (1-y)\log(1-\sigma(x))]`, with
+    ``pos_weight`` (:math:`p_c`, broadcast over the last dimension: one entry
+    per class for multi-label) scaling the positive term.
+    """
+    _check_elementwise(input, target, reduction)
+    _check_broadcast("weight", weight, input.shape)
+    _check_broadcast("pos_weight", pos_weight, input.shape)
+    return F.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)
+
+
+def kl_div(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    log_target: bool = False,
+) -> torch.Tensor:
+    """Kullback-Leibler divergence KL(target || exp(input)), pointwise then reduced.
+
+    A drop-in for :func:`torch.nn.functional.kl_div`. ``input`` holds
+    log-probabilities of the model (any shape); ``target`` the same shape,
+    probabilities (or log-probabilities when ``log_target=True``).
+    ``reduction="batchmean"`` (sum divided by ``input.shape[0]``) is the true KL
+    per example; ``"mean"`` divides by the number of elements, as PyTorch does
+    (and warns about).
+    """
+    validate.check_floating("input", input)
+    validate.check_floating("target", target)
+    validate.check_same_shape(input, target)
+    validate.check_reduction(reduction, ("none", "mean", "sum", "batchmean"))
+    return F.kl_div(input, target, reduction=reduction, log_target=log_target)
+
+
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> torch.Tensor:
+    r"""Focal loss on independent sigmoids (RetinaNet; Lin et al. 2017).
+
+    The semantics of :func:`torchvision.ops.sigmoid_focal_loss`: per element
+    :math:`\alpha_t (1-p_t)^\gamma \cdot \mathrm{BCE}(x, y)` with
+    :math:`p_t = p y + (1-p)(1-y)` and :math:`\alpha_t = \alpha y + (1-\alpha)(1-y)`;
+    ``alpha < 0`` drops the alpha factor. Note the default ``reduction="none"``.
+
+    Args:
+        inputs: logits, float, any shape.
+        targets: same shape, 0/1 (or soft) labels.
+    """
+    _check_elementwise(inputs, targets, reduction)
+    if gamma < 0:
+        raise InputError(f"gamma must be >= 0, got {gamma}.")
+    p = torch.sigmoid(inputs)
+    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def focal_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = 2.0,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Multi-class (softmax) focal loss: :math:`-w_t\,(1-p_t)^\gamma \log p_t`.
+
+    Arguments mirror :func:`cross_entropy` with class-index targets: ``input``
+    logits (C,), (N, C) or (N, C, d1, ..., dk); ``target`` int class indices of
+    the batch shape. ``weight`` plays the role of the paper's :math:`\alpha_t`.
+    ``"mean"`` divides by the summed weights of the kept targets, so with
+    ``gamma=0`` this is :func:`cross_entropy`, weights and ignore_index
+    included.
+    """
+    validate.check_classification_args(input, target, weight, reduction, allow_probabilities=False)
+    if gamma < 0:
+        raise InputError(f"gamma must be >= 0, got {gamma}.")
+    class_dim = 0 if input.dim() == 1 else 1
+    validate.check_target_range(target, input.shape[class_dim], ignore_index)
+    target = target.long()
+    kept = target != ignore_index
+    safe = torch.where(kept, target, torch.zeros_like(target))
+    logp_t = F.log_softmax(input, dim=class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    w_t = _positions_weight(target, weight, ignore_index, input.dtype)
+    loss = -w_t * logp_t
+    if gamma:
+        # 1 - p_t, computed without cancellation; clamped so (1 - p_t)**gamma stays differentiable at p_t = 1.
+        one_minus_p = (-torch.expm1(logp_t)).clamp_min(torch.finfo(input.dtype).tiny)
+        loss = loss * one_minus_p**gamma
+    loss = torch.where(kept, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / w_t.sum()

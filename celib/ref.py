@@ -1,0 +1,276 @@
+"""Reference implementations in NumPy, written to be read.
+
+Everything here works on NumPy arrays in float64 and imports no deep-learning
+framework. The functions are short and vectorised (no Python loop over rows or
+classes); the book displays them next to the maths they implement. The losses
+take the same arguments as :mod:`celib` and ``torch.nn.functional`` and return
+the same values.
+
+Conventions: the class axis of a loss input is axis 1 (axis 0 for a 1-D
+input); the distribution functions (``softmax``, ``entropy``, ...) work along
+the last axis. Information is in nats unless ``base=2`` (bits) is given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+# ----------------------------------------------------------------------------
+# Stable building blocks
+# ----------------------------------------------------------------------------
+
+
+def logsumexp(z: ArrayLike, axis: int = -1) -> np.ndarray:
+    """log(sum(exp(z))) along ``axis``, shifted by the max so no exponent exceeds 0."""
+    z = np.asarray(z, dtype=np.float64)
+    m = np.max(z, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)  # a row of -inf stays -inf instead of becoming nan
+    return np.squeeze(m, axis) + np.log(np.sum(np.exp(z - m), axis=axis))
+
+
+def log_softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:
+    """log softmax(z) = z - logsumexp(z): finite for any finite logits."""
+    z = np.asarray(z, dtype=np.float64)
+    return z - np.expand_dims(logsumexp(z, axis), axis)
+
+
+def softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:
+    """exp(z) / sum(exp(z)) along ``axis``, computed as exp(log_softmax(z))."""
+    return np.exp(log_softmax(z, axis))
+
+
+def sigmoid(z: ArrayLike) -> np.ndarray:
+    """1 / (1 + exp(-z)), never exponentiating a positive number."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def log_sigmoid(z: ArrayLike) -> np.ndarray:
+    """log(sigmoid(z)) = min(z, 0) - log(1 + exp(-|z|)): finite for any finite z."""
+    z = np.asarray(z, dtype=np.float64)
+    return np.minimum(z, 0.0) - np.log1p(np.exp(-np.abs(z)))
+
+
+# ----------------------------------------------------------------------------
+# Information theory on distributions (last axis)
+# ----------------------------------------------------------------------------
+
+
+def _log(x: np.ndarray, base: float | None) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        out = np.log(x)
+    return out if base is None else out / np.log(base)
+
+
+def entropy(p: ArrayLike, base: float | None = None) -> np.ndarray:
+    """H(P) = -sum P log P, with 0 log 0 = 0."""
+    p = np.asarray(p, dtype=np.float64)
+    return -np.sum(np.where(p > 0, p * _log(np.where(p > 0, p, 1.0), base), 0.0), axis=-1)
+
+
+def cross_entropy_dist(p: ArrayLike, q: ArrayLike, base: float | None = None) -> np.ndarray:
+    """H(P, Q) = -sum P log Q; terms with P = 0 count 0, and Q = 0 where P > 0 gives inf."""
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    return -np.sum(np.where(p > 0, p * _log(q, base), 0.0), axis=-1)
+
+
+def kl_divergence(p: ArrayLike, q: ArrayLike, base: float | None = None) -> np.ndarray:
+    """KL(P || Q) = sum P log(P / Q) = H(P, Q) - H(P)."""
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    safe_p = np.where(p > 0, p, 1.0)
+    return np.sum(np.where(p > 0, p * (_log(safe_p, base) - _log(q, base)), 0.0), axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# Losses with torch.nn.functional's arguments
+# ----------------------------------------------------------------------------
+
+
+def _classes_last(x: np.ndarray) -> np.ndarray:
+    """(C,) -> (1, C); (N, C, d1, ..., dk) -> (N, d1, ..., dk, C)."""
+    return x[None] if x.ndim == 1 else np.moveaxis(x, 1, -1)
+
+
+def _classes_back(g: np.ndarray, ndim: int) -> np.ndarray:
+    """Inverse of :func:`_classes_last`."""
+    return g[0] if ndim == 1 else np.moveaxis(g, -1, 1)
+
+
+def _reduce(loss: np.ndarray, reduction: str, denominator: float | np.ndarray) -> np.ndarray:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return np.sum(loss)
+    if reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.sum(loss) / denominator
+    raise ValueError(f"reduction={reduction!r} is not supported; use 'none', 'mean' or 'sum'.")
+
+
+def _index_parts(input, target, weight, ignore_index):
+    """Logits with classes last, one-hot targets, per-position weights w_t, and the class weights."""
+    z = _classes_last(np.asarray(input, dtype=np.float64))
+    t = np.asarray(target).reshape(z.shape[:-1])
+    num_classes = z.shape[-1]
+    w = np.ones(num_classes) if weight is None else np.asarray(weight, dtype=np.float64)
+    kept = t != ignore_index
+    if np.any((t[kept] < 0) | (t[kept] >= num_classes)):
+        raise ValueError(f"target holds a class index outside [0, {num_classes - 1}].")
+    one_hot = (np.arange(num_classes) == np.where(kept, t, -1)[..., None]).astype(np.float64)
+    w_t = one_hot @ w  # weight of each position's class; 0 where ignored
+    return z, one_hot, w_t, w, kept
+
+
+def cross_entropy(
+    input: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> np.ndarray:
+    """Cross-entropy from logits, with PyTorch's semantics (see :func:`celib.cross_entropy`).
+
+    input: logits (C,), (N, C) or (N, C, d1, ..., dk). target: class indices of
+    the batch shape, or probabilities of the input's shape (float).
+    """
+    a, target = label_smoothing, np.asarray(target)
+    z = _classes_last(np.asarray(input, dtype=np.float64))
+    num_classes = z.shape[-1]
+    logp = log_softmax(z)
+    if np.issubdtype(target.dtype, np.floating):  # probability targets
+        w = np.ones(num_classes) if weight is None else np.asarray(weight, dtype=np.float64)
+        q = _classes_last(target) * (1 - a) + a / num_classes
+        loss = -np.sum(w * q * logp, axis=-1)
+        loss = loss[0] if np.ndim(input) == 1 else loss
+        return _reduce(loss, reduction, logp.size / num_classes)
+    z, one_hot, w_t, w, kept = _index_parts(input, target, weight, ignore_index)
+    nll = -np.sum(one_hot * logp, axis=-1) * w_t
+    smooth = -np.sum(w * logp, axis=-1) * kept
+    loss = (1 - a) * nll + a / num_classes * smooth
+    loss = loss[0] if np.ndim(input) == 1 else loss
+    return _reduce(loss, reduction, np.sum(w_t))
+
+
+def cross_entropy_grad(
+    input: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> np.ndarray:
+    """Gradient of :func:`cross_entropy` with respect to the logits, from the formula.
+
+    Per position, with smoothed target q and softmax p, the gradient is
+    ``sum(w * q) * p - w * q``; with one-hot q and no weights that is p - y.
+    For ``reduction="none"`` this is the gradient of the summed losses.
+    Returns an array of the input's shape.
+    """
+    a, target = label_smoothing, np.asarray(target)
+    z = _classes_last(np.asarray(input, dtype=np.float64))
+    num_classes = z.shape[-1]
+    p = softmax(z)
+    if np.issubdtype(target.dtype, np.floating):
+        w = np.ones(num_classes) if weight is None else np.asarray(weight, dtype=np.float64)
+        q = _classes_last(target) * (1 - a) + a / num_classes
+        denominator = p.size / num_classes
+    else:
+        z, one_hot, w_t, w, kept = _index_parts(input, target, weight, ignore_index)
+        q = ((1 - a) * one_hot + a / num_classes) * kept[..., None]
+        denominator = np.sum(w_t)
+    grad = np.sum(w * q, axis=-1, keepdims=True) * p - w * q
+    if reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            grad = grad / denominator
+    elif reduction not in ("none", "sum"):
+        raise ValueError(f"reduction={reduction!r} is not supported; use 'none', 'mean' or 'sum'.")
+    return _classes_back(grad, np.ndim(input))
+
+
+def nll_loss(
+    input: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> np.ndarray:
+    """Negative log-likelihood: ``-weight[t] * input[t]`` per position (input holds log-probabilities)."""
+    logp, one_hot, w_t, _, _ = _index_parts(input, target, weight, ignore_index)
+    loss = -np.sum(one_hot * logp, axis=-1) * w_t
+    loss = loss[0] if np.ndim(input) == 1 else loss
+    return _reduce(loss, reduction, np.sum(w_t))
+
+
+def binary_cross_entropy(
+    input: ArrayLike, target: ArrayLike, weight: ArrayLike | None = None, reduction: str = "mean"
+) -> np.ndarray:
+    """-w [y log p + (1 - y) log(1 - p)] on probabilities, each log clamped at -100 as PyTorch does."""
+    p, y = np.asarray(input, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        log_p, log_1mp = np.maximum(np.log(p), -100.0), np.maximum(np.log1p(-p), -100.0)
+    loss = -(y * log_p + (1 - y) * log_1mp)
+    loss = loss if weight is None else loss * np.asarray(weight, dtype=np.float64)
+    return _reduce(loss, reduction, loss.size)
+
+
+def binary_cross_entropy_with_logits(
+    input: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    reduction: str = "mean",
+    pos_weight: ArrayLike | None = None,
+) -> np.ndarray:
+    """-w [pos_weight * y log sigmoid(x) + (1 - y) log sigmoid(-x)], exact for any logit."""
+    x, y = np.asarray(input, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    pw = 1.0 if pos_weight is None else np.asarray(pos_weight, dtype=np.float64)
+    loss = -(pw * y * log_sigmoid(x) + (1 - y) * log_sigmoid(-x))
+    loss = loss if weight is None else loss * np.asarray(weight, dtype=np.float64)
+    return _reduce(loss, reduction, loss.size)
+
+
+def kl_div(input: ArrayLike, target: ArrayLike, reduction: str = "mean", log_target: bool = False) -> np.ndarray:
+    """Pointwise ``target * (log target - input)`` (input: log-probabilities), then reduced.
+
+    ``"batchmean"`` divides the sum by ``input.shape[0]`` (the KL per example);
+    ``"mean"`` divides by the number of elements.
+    """
+    x, t = np.asarray(input, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if log_target:
+        loss = np.exp(t) * (t - x)
+    else:
+        loss = np.where(t > 0, t * (np.log(np.where(t > 0, t, 1.0)) - x), 0.0)
+    if reduction == "batchmean":
+        return np.sum(loss) / x.shape[0]
+    return _reduce(loss, reduction, loss.size)
+
+
+def sigmoid_focal_loss(
+    inputs: ArrayLike, targets: ArrayLike, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none"
+) -> np.ndarray:
+    """alpha_t (1 - p_t)^gamma * BCE-with-logits, as torchvision defines it (alpha < 0: no alpha_t)."""
+    x, y = np.asarray(inputs, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    p = sigmoid(x)
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = binary_cross_entropy_with_logits(x, y, reduction="none") * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    return _reduce(loss, reduction, loss.size)
+
+
+def focal_loss(
+    input: ArrayLike,
+    target: ArrayLike,
+    gamma: float = 2.0,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> np.ndarray:
+    """Softmax focal loss -w_t (1 - p_t)^gamma log p_t; mean divides by the summed w_t of kept targets."""
+    z, one_hot, w_t, _, _ = _index_parts(input, target, weight, ignore_index)
+    logp_t = np.sum(one_hot * log_softmax(z), axis=-1)
+    loss = -w_t * (1 - np.exp(logp_t)) ** gamma * logp_t
+    loss = loss[0] if np.ndim(input) == 1 else loss
+    return _reduce(loss, reduction, np.sum(w_t))

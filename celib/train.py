@@ -1,0 +1,81 @@
+"""A deliberately plain training loop for the book's small experiments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class History:
+    """Per-epoch records of a :func:`fit` run (lists of Python floats)."""
+
+    train_loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+
+
+def linear_model(in_features: int, num_classes: int, *, hidden: int | None = None, seed: int = 0) -> nn.Module:
+    """A linear classifier (or a one-hidden-layer MLP when ``hidden`` is set), seeded."""
+    torch.manual_seed(seed)
+    if hidden is None:
+        return nn.Linear(in_features, num_classes)
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    epochs: int = 50,
+    lr: float = 0.1,
+    batch_size: int = 64,
+    seed: int = 0,
+    x_test: torch.Tensor | None = None,
+    y_test: torch.Tensor | None = None,
+    optimizer: str = "sgd",
+) -> History:
+    """Train ``model`` with mini-batch SGD (or Adam) on ``loss_fn(model(x), y)``; returns a :class:`History`.
+
+    The batch order is drawn from a generator seeded with ``seed``, so a run is
+    repeatable. ``train_loss`` is the mean batch loss of each epoch (it may be
+    nan or inf if training diverges; the loop does not stop).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
+    opt = opt_cls(model.parameters(), lr=lr)
+    history = History()
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        total, batches = 0.0, 0
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            loss = loss_fn(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            batches += 1
+        history.train_loss.append(total / batches)
+        history.train_accuracy.append(accuracy(model, x, y))
+        if x_test is not None and y_test is not None:
+            history.test_accuracy.append(accuracy(model, x_test, y_test))
+    return history
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities (n, C) of ``model`` on ``x``, in eval mode."""
+    model.eval()
+    return torch.softmax(model(x), dim=1)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of ``x`` whose arg-max class equals ``y``."""
+    return float((predict_proba(model, x).argmax(1) == y).float().mean())

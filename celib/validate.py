@@ -1,0 +1,179 @@
+"""Argument checks shared by the PyTorch losses and the Triton kernel.
+
+Each check raises :class:`celib.InputError` with a message that says what is
+wrong and what to do about it. The cheap checks (shapes, dtypes, option values)
+never touch tensor data; :func:`check_target_range` reads the targets and so
+synchronises with the device, which is why losses let callers skip it with
+``check_inputs=False``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from celib.errors import InputError
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> None:
+    """Raise unless ``reduction`` is one of ``allowed``."""
+    if reduction not in allowed:
+        raise InputError(
+            f"reduction={reduction!r} is not supported; use one of {', '.join(map(repr, allowed))}."
+        )
+
+
+def check_floating(name: str, tensor: object) -> None:
+    """Raise unless ``tensor`` is a floating-point torch tensor."""
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}; wrap it with torch.as_tensor(...).")
+    if not tensor.is_floating_point():
+        raise InputError(
+            f"{name} must be a floating-point tensor (logits or probabilities), got dtype {tensor.dtype}; "
+            f"convert it with {name}.float()."
+        )
+
+
+def check_same_shape(input: torch.Tensor, target: torch.Tensor, what: str = "target") -> None:
+    """Raise unless ``target`` has exactly the shape of ``input``."""
+    if target.shape != input.shape:
+        raise InputError(
+            f"{what} shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}; "
+            f"they must be equal elementwise (no broadcasting)."
+        )
+
+
+def is_index_target(target: torch.Tensor) -> bool:
+    """True for class-index targets (integer dtype), False for probability targets."""
+    return not target.is_floating_point() and target.dtype != torch.bool
+
+
+def index_target_shape(input: torch.Tensor) -> tuple[int, ...]:
+    """Shape a class-index target must have for logits of shape ``input.shape``.
+
+    (C,) -> (), (N, C) -> (N,), (N, C, d1, ..., dk) -> (N, d1, ..., dk).
+    """
+    shape = tuple(input.shape)
+    return shape[:0] if len(shape) == 1 else shape[:1] + shape[2:]
+
+
+def check_class_weight(weight: torch.Tensor | None, num_classes: int, input: torch.Tensor) -> None:
+    """Raise unless ``weight`` is None or a 1-D float tensor of length C on input's device."""
+    if weight is None:
+        return
+    check_floating("weight", weight)
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise InputError(
+            f"weight must be a 1-D tensor with one entry per class ({num_classes}), got shape "
+            f"{tuple(weight.shape)}."
+        )
+    if weight.device != input.device:
+        raise InputError(f"weight is on {weight.device} but input is on {input.device}; move it with weight.to(input.device).")
+
+
+def check_classification_args(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    reduction: str,
+    allow_probabilities: bool,
+) -> None:
+    """Checks common to cross_entropy, nll_loss and focal_loss (no data is read)."""
+    check_floating("input", input)
+    if not isinstance(target, torch.Tensor):
+        raise InputError(f"target must be a torch.Tensor, got {type(target).__name__}; wrap it with torch.as_tensor(...).")
+    check_reduction(reduction)
+    if input.dim() == 0:
+        raise InputError("input must have a class dimension: shape (C,), (N, C) or (N, C, d1, ..., dk); got a 0-dim tensor.")
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if target.device != input.device:
+        raise InputError(f"target is on {target.device} but input is on {input.device}; move it with target.to(input.device).")
+    if target.is_floating_point():
+        expected = index_target_shape(input)
+        if not allow_probabilities:
+            raise InputError(
+                f"target has dtype {target.dtype} but this loss takes class indices; convert with target.long()."
+            )
+        if target.shape != input.shape:
+            if tuple(target.shape) == expected:
+                raise InputError(
+                    f"target has shape {tuple(target.shape)} and dtype {target.dtype}: that shape means class indices, "
+                    f"which must be an integer tensor; convert with target.long(). (A float target is read as class "
+                    f"probabilities and must have the input's shape {tuple(input.shape)}.)"
+                )
+            raise InputError(
+                f"probability target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}."
+            )
+    else:
+        if target.dtype == torch.bool:
+            raise InputError("target is a bool tensor; class indices must be integers: use target.long().")
+        expected = index_target_shape(input)
+        if tuple(target.shape) != expected:
+            hint = ""
+            if target.shape == input.shape:
+                hint = (
+                    " It has the input's shape, which looks like a one-hot encoding: pass class indices with "
+                    "target.argmax(dim=1), or probabilities with target.float()."
+                )
+            elif input.dim() >= 3 and tuple(target.shape) == tuple(input.shape[:-1]):
+                hint = (
+                    f" The class dimension of input looks last: move it to dim 1 with input.movedim(-1, 1), "
+                    f"or flatten with input.reshape(-1, {input.shape[-1]}) and target.reshape(-1)."
+                )
+            raise InputError(
+                f"class-index target shape {tuple(target.shape)} does not fit input shape {tuple(input.shape)}: "
+                f"expected {expected} (the input's shape without its class dimension, dim {0 if input.dim() == 1 else 1}).{hint}"
+            )
+    check_class_weight(weight, num_classes, input)
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    """Raise unless 0 <= label_smoothing <= 1."""
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise InputError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
+
+
+def check_cross_entropy_args(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> None:
+    """All shape, dtype and option checks of :func:`celib.cross_entropy` (no data is read)."""
+    check_classification_args(input, target, weight, reduction, allow_probabilities=True)
+    check_label_smoothing(label_smoothing)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise InputError(f"ignore_index must be an int, got {ignore_index!r}.")
+
+
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise if an index target holds a class outside [0, C-1] other than ``ignore_index``.
+
+    Reads the target (a device synchronisation on GPU). Probability targets are
+    not checked.
+    """
+    if not is_index_target(target) or target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        value = int(target[position])
+        raise InputError(
+            f"target holds class index {value} at position {position}, outside [0, {num_classes - 1}] for "
+            f"{num_classes} classes (and not ignore_index={ignore_index}). Check the label encoding "
+            f"(labels starting at 1? a padding value?) or the number of outputs of the model; mark positions to "
+            f"skip with ignore_index."
+        )
+
+
+def check_probabilities(name: str, tensor: torch.Tensor) -> None:
+    """Raise unless every element of ``tensor`` lies in [0, 1] (reads the data)."""
+    if tensor.numel() and bool(((tensor < 0) | (tensor > 1)).any()):
+        lo, hi = float(tensor.min()), float(tensor.max())
+        raise InputError(
+            f"{name} must hold probabilities in [0, 1], found values in [{lo:.4g}, {hi:.4g}]. If these are logits, "
+            f"use binary_cross_entropy_with_logits instead."
+        )
