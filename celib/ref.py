@@ -166,7 +166,8 @@ def cross_entropy_grad(
 
     Per position, with smoothed target q and softmax p, the gradient is
     ``sum(w * q) * p - w * q``; with one-hot q and no weights that is p - y.
-    For ``reduction="none"`` this is the gradient of the summed losses.
+    For ``reduction="none"`` this is the gradient of the summed losses. If every
+    target is ignored the gradient is 0 (the loss is nan under ``"mean"``).
     Returns an array of the input's shape.
     """
     a, target = label_smoothing, np.asarray(target)
@@ -183,8 +184,9 @@ def cross_entropy_grad(
         denominator = np.sum(w_t)
     grad = np.sum(w * q, axis=-1, keepdims=True) * p - w * q
     if reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            grad = grad / denominator
+        # When every target is ignored the mean loss is 0/0 = nan, but nothing depends on the
+        # logits: the gradient is 0, as in PyTorch.
+        grad = grad / denominator if denominator != 0 else grad
     elif reduction not in ("none", "sum"):
         raise ValueError(f"reduction={reduction!r} is not supported; use 'none', 'mean' or 'sum'.")
     return _classes_back(grad, np.ndim(input))

@@ -1,0 +1,210 @@
+"""celib's PyTorch losses against torch.nn.functional: values, gradients, edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import celib
+from tests.cases import CECase, cross_entropy_cases
+
+CASES = cross_entropy_cases()
+
+
+def _value_and_grad(fn, x: torch.Tensor, *args, **kwargs):
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x, *args, **kwargs)
+    upstream = torch.rand_like(out) if out.dim() else torch.tensor(1.7, dtype=out.dtype)
+    (out * upstream).sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_cross_entropy_matches_torch(case: CECase):
+    torch.manual_seed(0)
+    theirs, g_theirs = _value_and_grad(F.cross_entropy, case.input, case.target, **case.kwargs)
+    torch.manual_seed(0)
+    ours, g_ours = _value_and_grad(celib.cross_entropy, case.input, case.target, backend="torch", **case.kwargs)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_entropy_dtypes(dtype):
+    x = torch.randn(8, 5, dtype=dtype)
+    t = torch.randint(0, 5, (8,))
+    out = celib.cross_entropy(x, t, label_smoothing=0.1)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, F.cross_entropy(x, t, label_smoothing=0.1), rtol=0, atol=0)
+
+
+def test_auto_backend_on_cpu_is_torch():
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    assert torch.equal(celib.cross_entropy(x, t, backend="auto"), F.cross_entropy(x, t))
+
+
+def test_integer_targets_of_other_dtypes_are_accepted():
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert torch.equal(celib.cross_entropy(x, t.to(dtype)), F.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_gradcheck_float64(reduction, smoothing):
+    x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (4, 3))
+    t[0, 0] = -100
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda z: celib.cross_entropy(z, t, w, reduction=reduction, label_smoothing=smoothing), (x,)
+    )
+    p = torch.softmax(torch.randn(4, 5, 3, dtype=torch.float64), 1)
+    assert torch.autograd.gradcheck(lambda z: celib.cross_entropy(z, p, w, reduction=reduction), (x,))
+    assert torch.autograd.gradcheck(lambda z: celib.focal_loss(z, t, 2.0, w, reduction=reduction), (x,))
+
+
+# ---------------------------------------------------------------------------- extras (reference semantics of the kernel)
+
+
+def test_softcap_and_z_loss_follow_their_definitions():
+    x = torch.randn(6, 9, dtype=torch.float64) * 5
+    t = torch.tensor([0, 1, -100, 3, 4, 8])
+    w = torch.rand(9, dtype=torch.float64) + 0.5
+    capped = 3.0 * torch.tanh(x / 3.0)
+    lse = torch.logsumexp(capped, 1)
+    kept = (t != -100).double()
+    per_row = F.cross_entropy(capped, t, w, reduction="none") + 1e-2 * lse**2 * kept
+    w_t = w[t.clamp_min(0)] * kept
+    expected = {"none": per_row, "sum": per_row.sum(), "mean": per_row.sum() / w_t.sum()}
+    for reduction, value in expected.items():
+        loss, got_lse = celib.cross_entropy(x, t, w, reduction=reduction, softcap=3.0, z_loss=1e-2, return_lse=True)
+        torch.testing.assert_close(loss, value)
+        assert got_lse.dtype == torch.float32
+        torch.testing.assert_close(got_lse, lse.float())
+
+
+def test_loss_dtype_upcasts_half_losses():
+    x = torch.randn(4, 3).to(torch.bfloat16)
+    t = torch.tensor([0, 1, 2, 0])
+    assert celib.cross_entropy(x, t).dtype == torch.bfloat16
+    assert celib.cross_entropy(x, t, loss_dtype=torch.float32).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------- the other losses
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_nll_loss_matches_torch(reduction):
+    logp = torch.log_softmax(torch.randn(6, 4, 3, dtype=torch.float64), 1)
+    t = torch.randint(0, 4, (6, 3))
+    t[1, 2] = -100
+    w = torch.rand(4, dtype=torch.float64)
+    ours, g1 = _value_and_grad(celib.nll_loss, logp, t, w, reduction=reduction)
+    torch.manual_seed(0)
+    theirs, g2 = _value_and_grad(F.nll_loss, logp, t, w, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_binary_losses_match_torch(reduction):
+    z = torch.randn(5, 3, dtype=torch.float64) * 4
+    y = (torch.rand(5, 3) > 0.5).double()
+    w = torch.rand(3, dtype=torch.float64)
+    pw = torch.rand(3, dtype=torch.float64) * 3
+    torch.testing.assert_close(
+        celib.binary_cross_entropy_with_logits(z, y, w, reduction, pw),
+        F.binary_cross_entropy_with_logits(z, y, w, reduction=reduction, pos_weight=pw),
+        rtol=0,
+        atol=0,
+    )
+    p = torch.sigmoid(z)
+    torch.testing.assert_close(
+        celib.binary_cross_entropy(p, y, w, reduction), F.binary_cross_entropy(p, y, w, reduction=reduction), rtol=0, atol=0
+    )
+
+
+def test_binary_cross_entropy_clamps_log_like_torch():
+    p = torch.tensor([0.0, 1.0, 1.0])
+    y = torch.tensor([1.0, 0.0, 1.0])
+    loss = celib.binary_cross_entropy(p, y, reduction="none")
+    assert loss.tolist() == [100.0, 100.0, 0.0]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum", "batchmean"])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_matches_torch(reduction, log_target):
+    logq = torch.log_softmax(torch.randn(4, 6, dtype=torch.float64), 1)
+    p = torch.softmax(torch.randn(4, 6, dtype=torch.float64), 1)
+    p[0, 0] = 0.0
+    target = p.log() if log_target else p
+    with pytest.warns(UserWarning) if reduction == "mean" else _nothing():
+        ours = celib.kl_div(logq, target, reduction, log_target)
+    with pytest.warns(UserWarning) if reduction == "mean" else _nothing():
+        theirs = F.kl_div(logq, target, reduction=reduction, log_target=log_target)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_sigmoid_focal_loss_formula(alpha, reduction):
+    z = torch.randn(7, 3, dtype=torch.float64) * 3
+    y = (torch.rand(7, 3) > 0.7).double()
+    p = torch.sigmoid(z)
+    ce = -(y * torch.log(p) + (1 - y) * torch.log(1 - p))
+    p_t = p * y + (1 - p) * (1 - y)
+    expected = ce * (1 - p_t) ** 2
+    if alpha >= 0:
+        expected = (alpha * y + (1 - alpha) * (1 - y)) * expected
+    expected = {"none": expected, "mean": expected.mean(), "sum": expected.sum()}[reduction]
+    torch.testing.assert_close(celib.sigmoid_focal_loss(z, y, alpha, 2.0, reduction), expected)
+    assert celib.sigmoid_focal_loss(z, y).shape == z.shape  # default reduction is "none"
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_focal_loss_with_gamma_zero_is_cross_entropy(reduction):
+    x = torch.randn(6, 5, 2, dtype=torch.float64)
+    t = torch.randint(0, 5, (6, 2))
+    t[0] = 4
+    t[2, 1] = -100
+    w = torch.rand(5, dtype=torch.float64) + 0.2
+    ours, g1 = _value_and_grad(celib.focal_loss, x, t, 0.0, w, -100, reduction)
+    torch.manual_seed(0)
+    theirs, g2 = _value_and_grad(F.cross_entropy, x, t, w, ignore_index=-100, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+
+
+def test_focal_loss_formula_and_finite_gradient_when_certain():
+    x = torch.tensor([[50.0, 0.0, 0.0], [0.0, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1])
+    loss = celib.focal_loss(x, t, gamma=0.5, reduction="none")
+    p = torch.softmax(x.detach(), 1)
+    expected = -(1 - p[[0, 1], t]) ** 0.5 * torch.log(p[[0, 1], t])
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_focal_loss_all_ignored_mean_is_nan():
+    out = celib.focal_loss(torch.randn(3, 4), torch.full((3,), -100))
+    assert torch.isnan(out)
+
+
+def test_modules_match_functional():
+    x, t = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, -100])
+    w = torch.rand(4)
+    assert torch.equal(celib.nn.CrossEntropyLoss(w, label_smoothing=0.1)(x, t), torch.nn.CrossEntropyLoss(w, label_smoothing=0.1)(x, t))
+    y = (torch.rand(5, 4) > 0.5).float()
+    assert torch.equal(celib.nn.BCEWithLogitsLoss(pos_weight=w)(x, y), torch.nn.BCEWithLogitsLoss(pos_weight=w)(x, y))
+    assert torch.equal(celib.nn.FocalLoss(gamma=1.5, weight=w)(x, t), celib.focal_loss(x, t, 1.5, w))
+    assert "weight" in dict(celib.nn.CrossEntropyLoss(w).named_buffers())
