@@ -36,8 +36,10 @@ def log_softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:
 
 
 def softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:
-    """exp(z) / sum(exp(z)) along ``axis``, computed as exp(log_softmax(z))."""
-    return np.exp(log_softmax(z, axis))
+    """exp(z) / sum(exp(z)) along ``axis``, with the max subtracted first so no exponent exceeds 0."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - np.max(z, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
 
 
 def sigmoid(z: ArrayLike) -> np.ndarray:
