@@ -26,7 +26,8 @@ def logsumexp(z: ArrayLike, axis: int = -1) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
     m = np.max(z, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)  # a row of -inf stays -inf instead of becoming nan
-    return np.squeeze(m, axis) + np.log(np.sum(np.exp(z - m), axis=axis))
+    with np.errstate(divide="ignore"):  # log(0) = -inf is the right answer for an all -inf row
+        return np.squeeze(m, axis) + np.log(np.sum(np.exp(z - m), axis=axis))
 
 
 def log_softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:
