@@ -70,20 +70,20 @@ def _log(x: np.ndarray, base: float | None) -> np.ndarray:
 def entropy(p: ArrayLike, base: float | None = None) -> np.ndarray:
     """H(P) = -sum P log P, with 0 log 0 = 0."""
     p = np.asarray(p, dtype=np.float64)
-    return -np.sum(np.where(p > 0, p * _log(np.where(p > 0, p, 1.0), base), 0.0), axis=-1)
+    return -np.sum(p * _log(np.where(p > 0, p, 1.0), base), axis=-1)
 
 
 def cross_entropy_dist(p: ArrayLike, q: ArrayLike, base: float | None = None) -> np.ndarray:
     """H(P, Q) = -sum P log Q; terms with P = 0 count 0, and Q = 0 where P > 0 gives inf."""
     p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
-    return -np.sum(np.where(p > 0, p * _log(q, base), 0.0), axis=-1)
+    return -np.sum(p * _log(np.where(p > 0, q, 1.0), base), axis=-1)
 
 
 def kl_divergence(p: ArrayLike, q: ArrayLike, base: float | None = None) -> np.ndarray:
     """KL(P || Q) = sum P log(P / Q) = H(P, Q) - H(P)."""
     p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
-    safe_p = np.where(p > 0, p, 1.0)
-    return np.sum(np.where(p > 0, p * (_log(safe_p, base) - _log(q, base)), 0.0), axis=-1)
+    present = p > 0
+    return np.sum(p * (_log(np.where(present, p, 1.0), base) - _log(np.where(present, q, 1.0), base)), axis=-1)
 
 
 # ----------------------------------------------------------------------------
