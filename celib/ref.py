@@ -113,7 +113,10 @@ def _reduce(loss: np.ndarray, reduction: str, denominator: float | np.ndarray) -
 
 
 def _index_parts(input, target, weight, ignore_index):
-    """Logits with classes last, one-hot targets, per-position weights w_t, and the class weights."""
+    """Classes-last input, target indices (ignored ones replaced by 0), kept mask, class weights w, and w_t.
+
+    w_t is the weight of each position's target class, 0 where the target is ignored.
+    """
     z = _classes_last(np.asarray(input, dtype=np.float64))
     t = np.asarray(target).reshape(z.shape[:-1])
     num_classes = z.shape[-1]
@@ -121,9 +124,13 @@ def _index_parts(input, target, weight, ignore_index):
     kept = t != ignore_index
     if np.any((t[kept] < 0) | (t[kept] >= num_classes)):
         raise ValueError(f"target holds a class index outside [0, {num_classes - 1}].")
-    one_hot = (np.arange(num_classes) == np.where(kept, t, -1)[..., None]).astype(np.float64)
-    w_t = one_hot @ w  # weight of each position's class; 0 where ignored
-    return z, one_hot, w_t, w, kept
+    t = np.where(kept, t, 0)
+    return z, t, kept, w, w[t] * kept
+
+
+def _pick(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """x[..., t]: the entry of each position's target class (x has classes last)."""
+    return np.take_along_axis(x, t[..., None], axis=-1)[..., 0]
 
 
 def cross_entropy(
@@ -149,10 +156,10 @@ def cross_entropy(
         loss = -np.sum(w * q * logp, axis=-1)
         loss = loss[0] if np.ndim(input) == 1 else loss
         return _reduce(loss, reduction, logp.size / num_classes)
-    z, one_hot, w_t, w, kept = _index_parts(input, target, weight, ignore_index)
-    nll = -np.sum(one_hot * logp, axis=-1) * w_t
-    smooth = -np.sum(w * logp, axis=-1) * kept
-    loss = (1 - a) * nll + a / num_classes * smooth
+    _, t, kept, w, w_t = _index_parts(input, target, weight, ignore_index)
+    loss = (1 - a) * w_t * -_pick(logp, t)
+    if a:  # the smoothing term: a/C times the weighted loss against every class
+        loss = loss + a / num_classes * kept * -np.sum(w * logp, axis=-1)
     loss = loss[0] if np.ndim(input) == 1 else loss
     return _reduce(loss, reduction, np.sum(w_t))
 
@@ -179,13 +186,17 @@ def cross_entropy_grad(
     p = softmax(z)
     if np.issubdtype(target.dtype, np.floating):
         w = np.ones(num_classes) if weight is None else np.asarray(weight, dtype=np.float64)
-        q = _classes_last(target) * (1 - a) + a / num_classes
+        wq = w * (_classes_last(target) * (1 - a) + a / num_classes)
+        grad = np.sum(wq, axis=-1, keepdims=True) * p - wq
         denominator = p.size / num_classes
     else:
-        z, one_hot, w_t, w, kept = _index_parts(input, target, weight, ignore_index)
-        q = ((1 - a) * one_hot + a / num_classes) * kept[..., None]
+        # q = (1 - a) * one_hot(t) + a / C on kept positions, 0 on ignored ones; w * q is
+        # (a / C) * w everywhere plus (1 - a) * w_t at the target class.
+        _, t, kept, w, w_t = _index_parts(input, target, weight, ignore_index)
+        total_wq = (1 - a) * w_t + a / num_classes * np.sum(w) * kept
+        grad = total_wq[..., None] * p - (a / num_classes) * w * kept[..., None]
+        np.put_along_axis(grad, t[..., None], _pick(grad, t)[..., None] - ((1 - a) * w_t)[..., None], axis=-1)
         denominator = np.sum(w_t)
-    grad = np.sum(w * q, axis=-1, keepdims=True) * p - w * q
     if reduction == "mean":
         # When every target is ignored the mean loss is 0/0 = nan, but nothing depends on the
         # logits: the gradient is 0, as in PyTorch.
@@ -203,8 +214,8 @@ def nll_loss(
     reduction: str = "mean",
 ) -> np.ndarray:
     """Negative log-likelihood: ``-weight[t] * input[t]`` per position (input holds log-probabilities)."""
-    logp, one_hot, w_t, _, _ = _index_parts(input, target, weight, ignore_index)
-    loss = -np.sum(one_hot * logp, axis=-1) * w_t
+    logp, t, _, _, w_t = _index_parts(input, target, weight, ignore_index)
+    loss = -_pick(logp, t) * w_t
     loss = loss[0] if np.ndim(input) == 1 else loss
     return _reduce(loss, reduction, np.sum(w_t))
 
@@ -274,8 +285,8 @@ def focal_loss(
     reduction: str = "mean",
 ) -> np.ndarray:
     """Softmax focal loss -w_t (1 - p_t)^gamma log p_t; mean divides by the summed w_t of kept targets."""
-    z, one_hot, w_t, _, _ = _index_parts(input, target, weight, ignore_index)
-    logp_t = np.sum(one_hot * log_softmax(z), axis=-1)
+    z, t, _, _, w_t = _index_parts(input, target, weight, ignore_index)
+    logp_t = _pick(log_softmax(z), t)
     loss = -w_t * (1 - np.exp(logp_t)) ** gamma * logp_t
     loss = loss[0] if np.ndim(input) == 1 else loss
     return _reduce(loss, reduction, np.sum(w_t))

@@ -1,0 +1,85 @@
+"""celib.diagnose names each common mistake, and is silent on clean input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import celib
+
+
+def codes(input, target, **kw) -> list[str]:
+    return [f.code for f in celib.diagnose(input, target, **kw)]
+
+
+LOGITS = torch.randn(8, 5) * 3
+TARGET = torch.randint(0, 5, (8,))
+
+
+@pytest.mark.parametrize(
+    "input,target",
+    [
+        (LOGITS, TARGET),
+        (torch.randn(4, 5, 6, 7), torch.randint(0, 5, (4, 6, 7))),  # segmentation
+        (torch.randn(2, 5, 9), torch.randint(0, 5, (2, 9))),  # sequence, class dim 1
+        (LOGITS, torch.softmax(torch.randn(8, 5), 1)),  # probability targets
+        (LOGITS, torch.tensor([0, 1, -100, 3, 4, 0, 1, 2])),  # ignored position
+        (torch.randn(10), (torch.rand(10) > 0.5).float()),  # binary logits
+    ],
+)
+def test_clean_inputs_have_no_findings(input, target):
+    assert celib.diagnose(input, target) == []
+
+
+def test_softmax_before_cross_entropy():
+    assert codes(torch.softmax(LOGITS, 1), TARGET) == ["softmax-before-cross-entropy"]
+
+
+def test_one_hot_target():
+    found = celib.diagnose(LOGITS, torch.nn.functional.one_hot(TARGET, 5))
+    assert [f.code for f in found] == ["one-hot-target"]
+    assert "argmax(dim=1)" in found[0].fix
+
+
+def test_target_dtype_int32_and_float_indices():
+    assert codes(LOGITS, TARGET.int()) == ["target-dtype"]
+    found = celib.diagnose(LOGITS, TARGET.float())
+    assert [f.code for f in found] == ["target-dtype"] and "target.long()" in found[0].fix
+
+
+def test_target_out_of_range():
+    found = celib.diagnose(LOGITS, torch.tensor([0, 1, 5, 3, 4, 0, -1, 2]))
+    assert [f.code for f in found] == ["target-out-of-range"]
+    assert "[-1, 5]" in found[0].message and "[0, 4]" in found[0].message
+    assert codes(LOGITS, torch.tensor([0, 1, 7, 3, 4, 0, 1, 2]), ignore_index=7) == []
+
+
+def test_class_dimension_last():
+    found = celib.diagnose(torch.randn(2, 9, 5), torch.randint(0, 5, (2, 9)))
+    assert [f.code for f in found] == ["class-dim-last"]
+    assert "movedim(-1, 1)" in found[0].fix
+
+
+def test_non_finite_input():
+    x = LOGITS.clone()
+    x[1, 2] = float("nan")
+    x[3, 0] = float("inf")
+    found = celib.diagnose(x, TARGET)
+    assert found[0].code == "non-finite-input" and "2 NaN or Inf" in found[0].message
+
+
+def test_single_logit_meant_for_bce():
+    assert codes(torch.randn(8, 1), torch.zeros(8, dtype=torch.long)) == ["single-logit"]
+
+
+def test_probabilities_given_to_bce_with_logits():
+    probs = torch.sigmoid(torch.randn(6, 3))
+    labels = (torch.rand(6, 3) > 0.5).float()
+    labels[0] = torch.tensor([1.0, 1.0, 0.0])  # multi-label: rows need not sum to 1
+    assert codes(probs, labels) == ["probabilities-to-bce-with-logits"]
+    assert codes(torch.randn(6, 3) * 4, labels) == []
+
+
+def test_finding_prints_code_message_and_fix():
+    text = str(celib.diagnose(torch.softmax(LOGITS, 1), TARGET)[0])
+    assert text.startswith("[softmax-before-cross-entropy]") and "fix: pass the raw logits" in text

@@ -1,0 +1,39 @@
+"""Every chapter is committed executed, in order: otherwise nbval has nothing to compare."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "chapters").glob("*.ipynb"))
+
+
+def test_every_chapter_in_the_toc_exists():
+    import yaml
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    chapters = [f for f in files if f.startswith("chapters/")]
+    assert len(chapters) == 8
+    assert sorted(f"chapters/{p.stem}" for p in NOTEBOOKS) == sorted(chapters)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_executed_in_order(path: pathlib.Path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    assert code, f"{path.name} has no code cells"
+    counts = [c["execution_count"] for c in code]
+    assert None not in counts, f"{path.name}: a code cell was never executed"
+    assert counts == list(range(1, len(counts) + 1)), f"{path.name}: re-run it top to bottom from a fresh kernel"
+    for cell in code:
+        source = "".join(cell["source"])
+        for out in cell.get("outputs", []):
+            if out["output_type"] == "error":
+                assert "NBVAL_RAISES_EXCEPTION" in source, f"{path.name}: unexpected error output {out['ename']}"
+            if out["output_type"] == "stream" and out["name"] == "stderr":
+                raise AssertionError(f"{path.name}: stderr output (a warning?) in a cell: {''.join(out['text'])[:200]}")
+    assert sum(c["cell_type"] == "markdown" and "".join(c["source"]).startswith("# ") for c in nb["cells"]) == 1
