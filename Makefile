@@ -9,7 +9,7 @@ EXTRAS := book,test,triton
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export MPLBACKEND := Agg
 
-.PHONY: book test unit nbval build-strict browser notebooks bench clean
+.PHONY: book test unit nbval build-strict browser chromium notebooks bench clean
 
 # (Re)install only when the dependency declarations change.
 $(STAMP): pyproject.toml constraints.txt
@@ -33,8 +33,21 @@ build-strict: $(STAMP)
 	rm -rf _build/html _build/.doctrees
 	$(BIN)/jupyter-book build -W -n --keep-going .
 
-browser: $(STAMP)
-	@echo "(browser tests: not yet written)"
+# Checks the pages built by build-strict in headless Chromium (Debian's packages).
+browser: $(STAMP) chromium
+	$(BIN)/python -m pytest tests/browser -q
+
+# Install Debian's chromium + chromium-driver when missing and we may (root or passwordless sudo).
+# Where we may not, the browser tests fail and say how to install them.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo"; else SUDO="none"; fi; \
+	  if [ "$$SUDO" = none ]; then \
+	    echo "chromium is missing and this user cannot install it: sudo apt-get install chromium chromium-driver" >&2; \
+	  else \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  fi; \
+	fi
 
 # Re-execute every chapter in place from a fresh kernel (after changing celib).
 notebooks: $(STAMP)

@@ -3,6 +3,7 @@
 - MathJax 3 is served from the built site itself (copied from the
   ``django-static-mathjax`` package installed from PyPI), so math renders with
   no network.
+- Thebe's scripts are dropped (no live kernels here).
 - The ``{penalty-of-confidence}`` directive inserts the self-contained widget
   from :func:`celib.widgets.penalty_of_confidence_html`, computed at build time.
 """
@@ -34,6 +35,16 @@ def _copy_mathjax(app: Sphinx, exception: Exception | None) -> None:
         shutil.copytree(_mathjax_source(), target, dirs_exist_ok=True)
 
 
+def _drop_thebe(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    """Remove Thebe's scripts: the book has no live kernels, and Jupyter Book 1 adds its
+    configuration twice, which is a JavaScript error on every page."""
+    if "script_files" in context:
+        context["script_files"] = [
+            js for js in context["script_files"]
+            if "thebe" not in (getattr(js, "filename", None) or str(js)) and "THEBE_JS_URL" not in js.attributes.get("body", "")
+        ]
+
+
 class PenaltyOfConfidence(SphinxDirective):
     """``{penalty-of-confidence}``: the interactive loss-vs-probability figure."""
 
@@ -49,5 +60,6 @@ def setup(app: Sphinx) -> dict:
     _mathjax_source()  # fail early, with a clear message, if MathJax is missing
     app.connect("config-inited", lambda app, config: setattr(config, "mathjax_path", f"{MATHJAX_DIR}/tex-svg.js"))
     app.connect("build-finished", _copy_mathjax)
+    app.connect("html-page-context", _drop_thebe)
     app.add_directive("penalty-of-confidence", PenaltyOfConfidence)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

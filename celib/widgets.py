@@ -48,7 +48,7 @@ def penalty_of_confidence_html(element_id: str = "penalty-of-confidence") -> str
     step_x, step_y = _svg_xy(steps, loss_at, y_max)
     data = {
         "p": [f"{p:.2f}" for p in steps],
-        "loss": [f"{v:.2f}" for v in loss_at],
+        "loss": [f"{abs(v):.2f}" for v in loss_at],  # abs: -log(1) is -0.0
         "x": [round(float(v), 1) for v in step_x],
         "y": [round(float(v), 1) for v in step_y],
     }
