@@ -1,0 +1,103 @@
+"""The book's helper modules: data, training loop, metrics, plot style, widgets."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import celib
+from celib import data, metrics, plot, train, widgets
+
+
+def test_digits_split_is_stratified_seeded_and_unbalanced_on_request():
+    split = data.digits(seed=0)
+    assert split.x_train.shape[1] == 64 and split.x_train.dtype == torch.float32
+    assert len(split.x_train) + len(split.x_test) == 1797 and split.num_classes == 10
+    assert abs(float(split.x_train.mean())) < 1e-5  # standardised on the training set
+    again = data.digits(seed=0)
+    assert torch.equal(split.y_train, again.y_train) and torch.equal(split.x_test, again.x_test)
+    rare = data.digits(seed=0, keep_fraction={3: 0.1})
+    counts = torch.bincount(rare.y_train, minlength=10)
+    assert counts[3] == round(0.1 * int(torch.bincount(split.y_train)[3]))
+    assert torch.equal(rare.y_test, split.y_test)  # the test set stays balanced
+
+
+def test_fit_learns_digits_and_is_repeatable():
+    split = data.digits(seed=0)
+    runs = []
+    for _ in range(2):
+        model = train.linear_model(64, 10, seed=1)
+        runs.append(train.fit(model, split.x_train, split.y_train, celib.cross_entropy, epochs=3, lr=0.1,
+                              x_test=split.x_test, y_test=split.y_test))
+    assert runs[0].train_loss == runs[1].train_loss
+    assert runs[0].train_loss[-1] < runs[0].train_loss[0] < np.log(10) + 0.5
+    assert runs[0].test_accuracy[-1] > 0.85
+
+
+def test_reliability_and_ece():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 1, 1, 0])
+    r = metrics.reliability(probs, labels, n_bins=5)
+    # confidences 0.9, 0.8, 0.7, 0.6 fall in bins 4, 3, 3, 2 (edges 0, .2, .4, .6, .8, 1; right-inclusive)
+    assert r.count.tolist() == [0, 0, 1, 2, 1]
+    np.testing.assert_allclose(r.accuracy[2:], [1.0, 0.5, 1.0])
+    np.testing.assert_allclose(r.confidence[2:], [0.6, 0.75, 0.9])
+    assert r.ece == pytest.approx((1 * 0.4 + 2 * 0.25 + 1 * 0.1) / 4)
+    with pytest.raises(ValueError):
+        metrics.reliability(probs, labels[:3])
+
+
+def test_per_class_recall():
+    recall = metrics.per_class_recall(np.array([0, 1, 1, 2, 0]), np.array([0, 1, 2, 2, 1]), 4)
+    np.testing.assert_allclose(recall[:3], [1.0, 0.5, 0.5])
+    assert np.isnan(recall[3])
+
+
+def test_plot_style_has_opaque_white_background():
+    plot.use_style()
+    import matplotlib as mpl
+
+    assert mpl.rcParams["figure.facecolor"] == "white" and mpl.rcParams["savefig.transparent"] is False
+    fig, axes = plot.figure(1, 2)
+    assert fig.get_size_inches().tolist() == [8.4, 4.0] and len(axes) == 2
+
+
+def test_penalty_widget_numbers_come_from_celib():
+    page = widgets.penalty_of_confidence_html()
+    payload = json.loads(re.search(r"var d = (\{.*?\});", page).group(1))
+    assert payload["p"][0] == "1.00" and payload["p"][-1] == "0.01" and len(payload["p"]) == 100
+    lookup = dict(zip(payload["p"], payload["loss"]))
+    assert lookup["0.10"] == "2.30" and lookup["0.60"] == "0.51" and lookup["1.00"] == "0.00"
+    for label in ("p = 0.99: 0.01", "p = 0.6: 0.51", "p = 0.1: 2.30", "p = 0.01: 4.61"):
+        assert label in page
+
+
+def test_celib_imports_and_runs_on_cpu_without_triton():
+    code = """
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton is not installed (simulated)")
+sys.meta_path.insert(0, NoTriton())
+import torch, celib
+x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+assert torch.equal(celib.cross_entropy(x, t), torch.nn.functional.cross_entropy(x, t))
+assert torch.equal(celib.cross_entropy(x, t, backend="auto"), torch.nn.functional.cross_entropy(x, t))
+assert "triton" not in sys.modules
+try:
+    celib.cross_entropy(x, t, backend="triton")
+except Exception as err:
+    print(type(err).__name__, err)
+else:
+    raise SystemExit("backend='triton' did not raise without triton")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "triton" in out.stdout.lower()
