@@ -112,6 +112,16 @@ def _reduce(loss: np.ndarray, reduction: str, denominator: float | np.ndarray) -
     raise ValueError(f"reduction={reduction!r} is not supported; use 'none', 'mean' or 'sum'.")
 
 
+def _class_weights(weight: ArrayLike | None, num_classes: int) -> np.ndarray:
+    """The (C,) class weights, all ones when none are given."""
+    return np.ones(num_classes) if weight is None else np.asarray(weight, dtype=np.float64)
+
+
+def _smoothed(target: np.ndarray, a: float, num_classes: int) -> np.ndarray:
+    """Probability targets with classes last, smoothed: (1 - a) * q + a / C."""
+    return _classes_last(target) * (1 - a) + a / num_classes
+
+
 def _index_parts(input, target, weight, ignore_index):
     """Classes-last input, target indices (ignored ones replaced by 0), kept mask, class weights w, and w_t.
 
@@ -120,7 +130,7 @@ def _index_parts(input, target, weight, ignore_index):
     z = _classes_last(np.asarray(input, dtype=np.float64))
     t = np.asarray(target).reshape(z.shape[:-1])
     num_classes = z.shape[-1]
-    w = np.ones(num_classes) if weight is None else np.asarray(weight, dtype=np.float64)
+    w = _class_weights(weight, num_classes)
     kept = t != ignore_index
     if np.any((t[kept] < 0) | (t[kept] >= num_classes)):
         raise ValueError(f"target holds a class index outside [0, {num_classes - 1}].")
@@ -151,9 +161,7 @@ def cross_entropy(
     num_classes = z.shape[-1]
     logp = log_softmax(z)
     if np.issubdtype(target.dtype, np.floating):  # probability targets
-        w = np.ones(num_classes) if weight is None else np.asarray(weight, dtype=np.float64)
-        q = _classes_last(target) * (1 - a) + a / num_classes
-        loss = -np.sum(w * q * logp, axis=-1)
+        loss = -np.sum(_class_weights(weight, num_classes) * _smoothed(target, a, num_classes) * logp, axis=-1)
         loss = loss[0] if np.ndim(input) == 1 else loss
         return _reduce(loss, reduction, logp.size / num_classes)
     _, t, kept, w, w_t = _index_parts(input, target, weight, ignore_index)
@@ -185,8 +193,7 @@ def cross_entropy_grad(
     num_classes = z.shape[-1]
     p = softmax(z)
     if np.issubdtype(target.dtype, np.floating):
-        w = np.ones(num_classes) if weight is None else np.asarray(weight, dtype=np.float64)
-        wq = w * (_classes_last(target) * (1 - a) + a / num_classes)
+        wq = _class_weights(weight, num_classes) * _smoothed(target, a, num_classes)
         grad = np.sum(wq, axis=-1, keepdims=True) * p - wq
         denominator = p.size / num_classes
     else:
