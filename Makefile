@@ -7,7 +7,6 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXTRAS := book,test,triton
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-export MPLBACKEND := Agg
 
 .PHONY: book test unit nbval build-strict browser chromium notebooks bench clean
 
@@ -51,7 +50,7 @@ chromium:
 
 # Re-execute every chapter in place from a fresh kernel (after changing celib).
 notebooks: $(STAMP)
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace chapters/*.ipynb
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False chapters/*.ipynb
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_cpu.py
