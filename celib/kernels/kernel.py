@@ -9,10 +9,10 @@ sweep re-reads each block and writes its gradient: two reads, one write.
 
 Notation (all float32): z logits (soft-capped if asked), lse = log-sum-exp,
 p = exp(z - lse), w class weights, a label smoothing, t the target class.
-Index target:  loss = (1-a) w_t (lse - z_t) + (a/C) (lse * sum(w) - sum(w z)) + z_loss * lse^2
+Index target:  loss = (1-a) w_t (lse - z_t) + (a/C) sum(w (lse - z)) + z_loss * lse^2
                grad = p * ((1-a) w_t + (a/C) sum(w) + 2 z_loss lse) - (a/C) w - (1-a) w_t [c = t]
 Probability q: q' = (1-a) q + a/C,  S = sum(w q')
-               loss = lse * S - sum(w q' z) + z_loss * lse^2
+               loss = sum(w q' (lse - z)) + z_loss * lse^2
                grad = p * (S + 2 z_loss lse) - w q'
 The gradient is multiplied by ``grad_scale`` (1 / the mean's denominator, read
 from device memory, or 1) and, with soft-capping, by d(cap)/dz = 1 - (z/cap)^2.
@@ -43,6 +43,17 @@ def _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_co
 
 
 @triton.jit
+def row_offset(row, n_inner, stride_n, stride_s):
+    """Element offset of row ``row`` = n * n_inner + s of an (N, S, C) layout, in 64-bit integers.
+
+    Triton passes integer arguments below 2**31 as 32-bit, so without the cast
+    ``n * stride_n`` wraps around once N * C reaches 2**31 (e.g. 32768 tokens x 128256 classes).
+    """
+    row = row.to(tl.int64)
+    return (row // n_inner) * stride_n + (row % n_inner) * stride_s
+
+
+@triton.jit
 def _softcap(z, softcap):
     """softcap * tanh(z / softcap), written with exp (tanh(x) = 1 - 2 / (exp(2x) + 1))."""
     return softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
@@ -61,11 +72,9 @@ def cross_entropy_kernel(
     COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # 64-bit from here on: row * stride never overflows
-    n = row // n_inner
-    s = row % n_inner
-    x_row = logits_ptr + n * stride_ln + s * stride_ls
-    g_row = grad_ptr + n * stride_gn + s * stride_gs
-    q_row = target_ptr + n * stride_tn + s * stride_ts
+    x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
+    g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
+    q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
     cols = tl.arange(0, BLOCK)
 
     if PROB_TARGET:
@@ -83,7 +92,8 @@ def cross_entropy_kernel(
     # Pass 1: running max m, running sum d of exp(z - m), and the weighted sums the loss needs.
     m = -float("inf")
     d = 0.0
-    sum_wz = 0.0  # sum_c w_c z_c
+    r = 0.0  # a reference logit (the first block's max): sums of w * (z - r) lose no precision to large |z|
+    sum_wz = 0.0  # sum_c w_c (z_c - r)
     sum_w = 0.0  # sum_c w_c
     z_t = 0.0  # the target's logit, picked up when its block goes by
     z = tl.full([BLOCK], -float("inf"), tl.float32)  # defined before the loop so that, for a single
@@ -93,20 +103,25 @@ def cross_entropy_kernel(
         mask = offs < n_cols
         z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing, softcap,
                            PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, BLOCK)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        block_max = tl.max(z, axis=0)
+        m_new = tl.maximum(m, block_max)
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)  # rescale the old sum, add the block
         m = m_new
-        sum_wz += tl.sum(w * tl.where(mask, z, 0.0), axis=0)
+        r = tl.where(start == 0, block_max, r)
+        sum_wz += tl.sum(w * tl.where(mask, z - r, 0.0), axis=0)
         sum_w += tl.sum(w, axis=0)
         if not PROB_TARGET:
             z_t += tl.sum(tl.where(offs == target, z, 0.0), axis=0)
-    lse = m + tl.log(d)
+    log_d = tl.log(d)
+    lse = m + log_d
+    # sum_c w_c (lse - z_c), written so that no large |z| is subtracted from another
+    weighted = sum_w * ((m - r) + log_d) - sum_wz
 
     if PROB_TARGET:
-        loss = lse * sum_w - sum_wz
+        loss = weighted
         coef = sum_w
     else:
-        loss = (1.0 - smoothing) * w_t * (lse - z_t) + smoothing / n_cols * (lse * sum_w - sum_wz)
+        loss = (1.0 - smoothing) * w_t * ((m - z_t) + log_d) + smoothing / n_cols * weighted
         coef = (1.0 - smoothing) * w_t + smoothing / n_cols * sum_w
     loss += z_loss * lse * lse
     tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
@@ -122,7 +137,7 @@ def cross_entropy_kernel(
             if not SINGLE_BLOCK:
                 z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing,
                                    softcap, PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, BLOCK)
-            p = tl.exp(z - lse)
+            p = tl.exp((z - m) - log_d)
             if PROB_TARGET:
                 g = coef * p - w
             else:

@@ -32,9 +32,10 @@ def _kernel():
 
 def interpreted() -> bool:
     """True when the kernel runs under Triton's interpreter (on the CPU)."""
+    kernel = _kernel()  # first: it decides the mode before triton is imported
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_kernel(), InterpretedFunction)
+    return isinstance(kernel, InterpretedFunction)
 
 
 def block_size(num_classes: int, max_block: int = MAX_BLOCK) -> int:
@@ -59,7 +60,10 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View logits (C,), (N, C) or (N, C, d1, ..., dk) as (N, C, S) without copying when possible."""
     if x.dim() == 1:
         return x.view(1, -1, 1) if x.is_contiguous() else x.reshape(1, -1, 1)
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    inner = 1
+    for size in x.shape[2:]:
+        inner *= size
+    return x.reshape(x.shape[0], x.shape[1], inner)
 
 
 def launch(

@@ -1,0 +1,299 @@
+"""The Triton kernel against PyTorch, under Triton's interpreter on the CPU.
+
+These tests run wherever triton is installed (it is, on Linux CI); they are
+skipped, with that reason, only where it is not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import celib
+from celib import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+
+
+def both(x: torch.Tensor, target, upstream: torch.Tensor | None = None, **kwargs):
+    """(kernel loss, kernel grad, torch loss, torch grad) for the same call."""
+    a = x.detach().clone().requires_grad_(True)
+    b = x.detach().clone().requires_grad_(True)
+    torch_kwargs = {k: v for k, v in kwargs.items() if k != "max_block"}
+    la = kernels.triton_cross_entropy(a, target, **kwargs)
+    lb = celib.cross_entropy(b, target, backend="torch", **torch_kwargs)
+    up = upstream if upstream is not None else torch.ones_like(la)
+    (la * up).sum().backward()
+    (lb * up).sum().backward()
+    return la.detach(), a.grad, lb.detach(), b.grad
+
+
+def close(actual, expected, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------- float32 grid
+
+GRID = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0.2, weight="w"),
+    dict(label_smoothing=0.2, weight="w", ignore_index=3),
+    dict(weight="w", reduction="sum"),
+    dict(weight="w", reduction="none", label_smoothing=0.3),
+]
+
+
+@pytest.mark.parametrize("kwargs", GRID, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()) or "default")
+@pytest.mark.parametrize("num_classes,max_block", [(1, None), (7, None), (100, 32), (1000, 128)])
+def test_index_targets_match_torch(kwargs, num_classes, max_block):
+    torch.manual_seed(num_classes)
+    x = torch.randn(20, num_classes) * 3
+    t = torch.randint(0, num_classes, (20,))
+    ignore = kwargs.get("ignore_index", -100)
+    t[torch.rand(20) < 0.3] = ignore  # 30% ignored
+    kw = dict(kwargs)
+    if kw.get("weight") == "w":
+        kw["weight"] = torch.rand(num_classes) + 0.1
+    up = torch.randn(20) if kw.get("reduction") == "none" else None
+    la, ga, lb, gb = both(x, t, up, max_block=max_block, **kw)
+    close(la, lb)
+    close(ga, gb)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(label_smoothing=0.2, weight="w"), dict(reduction="none"), dict(reduction="sum")])
+@pytest.mark.parametrize("max_block", [None, 16])
+def test_probability_targets_match_torch(kwargs, max_block):
+    torch.manual_seed(1)
+    x = torch.randn(9, 50) * 2
+    q = torch.softmax(torch.randn(9, 50) * 3, 1)
+    kw = dict(kwargs)
+    if kw.get("weight") == "w":
+        kw["weight"] = torch.rand(50) + 0.1
+    up = torch.randn(9) if kw.get("reduction") == "none" else None
+    la, ga, lb, gb = both(x, q, up, max_block=max_block, **kw)
+    close(la, lb)
+    close(ga, gb)
+
+
+@pytest.mark.parametrize("num_classes", [3, 1000, 4097, 131072])
+def test_class_counts_up_to_131072(num_classes):
+    torch.manual_seed(0)
+    x = torch.randn(2, num_classes) * 4
+    t = torch.tensor([0, num_classes - 1])
+    la, ga, lb, gb = both(x, t, reduction="none")
+    close(la, lb)
+    close(ga, gb)
+
+
+def test_k_dimensional_input_and_one_dimensional_input():
+    torch.manual_seed(2)
+    x = torch.randn(3, 6, 4, 5)
+    t = torch.randint(0, 6, (3, 4, 5))
+    t[0, 1] = -100
+    for reduction in ("none", "mean", "sum"):
+        la, ga, lb, gb = both(x, t, reduction=reduction, label_smoothing=0.1)
+        assert la.shape == lb.shape
+        close(la, lb)
+        close(ga, gb)
+    q = torch.softmax(torch.randn(3, 6, 4, 5), 1)
+    close(*both(x, q, reduction="none")[::2])
+    v = torch.randn(11)
+    la, ga, lb, gb = both(v, torch.tensor(4), reduction="none")
+    assert la.shape == () and ga.shape == (11,)
+    close(la, lb)
+    close(ga, gb)
+
+
+def test_strided_sliced_inputs_and_int32_targets():
+    torch.manual_seed(3)
+    big = torch.randn(40, 300)
+    x = big[::3, 7:250]  # row stride 900, non-contiguous
+    assert not x.is_contiguous()
+    t = torch.randint(0, 243, (x.shape[0],))
+    la, ga, lb, gb = both(x, t.int(), max_block=64)
+    close(la, lb)
+    close(ga, gb)
+    col = torch.randn(300, 40).t()[:, :200]  # column stride != 1
+    close(*both(col, torch.randint(0, 200, (40,)), reduction="none")[::2])
+
+
+def test_edge_cases_all_ignored_empty_and_equal_logits():
+    x = torch.randn(5, 9)
+    ignored = torch.full((5,), -100)
+    la, ga, lb, gb = both(x, ignored)
+    assert torch.isnan(la) and torch.isnan(lb)
+    close(ga, gb)  # zero gradient, as PyTorch
+    for reduction in ("mean", "sum", "none"):
+        la, _, lb, _ = both(torch.randn(0, 9), torch.zeros(0, dtype=torch.long), reduction=reduction)
+        close(la, lb)
+    equal = torch.full((4, 1000), 3.0)
+    loss = kernels.triton_cross_entropy(equal, torch.tensor([0, 5, 999, 10]), reduction="none", max_block=256)
+    close(loss, torch.full((4,), math.log(1000)))
+
+
+def test_extreme_logits():
+    x = torch.tensor([[1e4, -1e4, 0.0, 5.0], [-1e4, -1e4, -1e4, -1e4], [1e4, 1e4, -1e4, 0.0]])
+    t = torch.tensor([1, 2, 0])
+    la, ga, lb, gb = both(x, t, reduction="none")
+    assert torch.isfinite(la).all()
+    close(la, lb)
+    close(ga, gb)
+
+
+def test_extras_match_the_torch_path():
+    torch.manual_seed(4)
+    x = torch.randn(12, 70) * 8
+    t = torch.randint(0, 70, (12,))
+    t[3] = -100
+    w = torch.rand(70) + 0.5
+    for reduction in ("none", "mean", "sum"):
+        kw = dict(weight=w, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+        up = torch.randn(12) if reduction == "none" else None
+        la, ga, lb, gb = both(x, t, up, max_block=16, **kw)
+        close(la, lb)
+        close(ga, gb)
+    loss, lse = kernels.triton_cross_entropy(x, t, softcap=5.0, return_lse=True)
+    assert lse.dtype == torch.float32
+    close(lse, torch.logsumexp(5.0 * torch.tanh(x / 5.0), 1))
+
+
+def test_loss_reused_and_scaled_after_the_call():
+    x = torch.randn(6, 30)
+    t = torch.randint(0, 30, (6,))
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    la = kernels.triton_cross_entropy(a, t)
+    lb = F.cross_entropy(b, t)
+    (3.0 * la + la**2).backward()
+    (3.0 * lb + lb**2).backward()
+    close(a.grad, b.grad)
+
+
+def test_inplace_backward_writes_the_gradient_over_the_logits():
+    x = torch.randn(5, 40)
+    t = torch.randint(0, 40, (5,))
+    reference = x.clone().requires_grad_(True)
+    F.cross_entropy(reference, t).backward()
+    leaf = x.clone().requires_grad_(True)
+    logits = leaf * 1.0  # a non-leaf, as the output of a model's last layer
+    storage = logits.data_ptr()
+    loss = kernels.triton_cross_entropy(logits, t, inplace_backward=True)
+    close(loss, F.cross_entropy(x, t))
+    close(logits.detach(), reference.grad)  # the logits' storage now holds the gradient
+    loss.backward()
+    close(leaf.grad, reference.grad)
+    assert logits.data_ptr() == storage
+
+
+# ---------------------------------------------------------------------------------------------- half precision
+
+
+def _errors(dtype, x, t):
+    """|error| of the kernel and of PyTorch in ``dtype``, both against a float64 reference."""
+    ref = x.double().requires_grad_(True)
+    F.cross_entropy(ref, t, reduction="sum").backward()
+    ref_loss = F.cross_entropy(x.double(), t, reduction="none")
+    h = x.to(dtype)
+    la, ga, lb, gb = both(h, t, reduction="none")
+    err = lambda a, r: (a.double() - r).abs().max().item()  # noqa: E731
+    return err(la, ref_loss), err(lb, ref_loss), err(ga, ref.grad), err(gb, ref.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_no_worse_than_torch(dtype):
+    torch.manual_seed(5)
+    x = (torch.randn(16, 3000) * 3).to(dtype).float()  # values exactly representable in dtype
+    t = torch.randint(0, 3000, (16,))
+    kernel_loss, torch_loss, kernel_grad, torch_grad = _errors(dtype, x, t)
+    # The loss is summed in float32 and rounded once, so it may differ from PyTorch's by rounding.
+    assert kernel_loss <= torch_loss + (1e-3 if dtype == torch.float16 else 1e-2)
+    # Gradients lie in [-1, 1]. Triton's interpreter truncates float32 -> bfloat16 (a GPU rounds to
+    # nearest), so under it a bf16 gradient may be off by one unit in the last place (2**-8 near 1)
+    # where PyTorch is off by half of one; float16 casts round to nearest in both.
+    allowance = 2.0**-8 if dtype == torch.bfloat16 else 1e-6
+    assert kernel_grad <= torch_grad + allowance
+
+
+def test_confident_row_keeps_its_bfloat16_gradient():
+    x = torch.zeros(1, 64)
+    x[0, 3] = 10.0  # true logit = max + 10
+    t = torch.tensor([3])
+    a = x.to(torch.bfloat16).requires_grad_(True)
+    kernels.triton_cross_entropy(a, t, reduction="sum").backward()
+    exact = torch.softmax(x.double(), 1)[0, 3] - 1  # about -2.9e-3
+    assert a.grad[0, 3].item() != 0.0
+    assert abs(a.grad[0, 3].double() - exact) / abs(exact) < 1e-2
+
+
+def test_loss_dtype():
+    x = torch.randn(4, 10).to(torch.bfloat16)
+    t = torch.randint(0, 10, (4,))
+    assert kernels.triton_cross_entropy(x, t).dtype == torch.bfloat16
+    assert kernels.triton_cross_entropy(x, t, loss_dtype=torch.float32).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- validation, bounds
+
+
+def test_invalid_targets_raise_or_stay_in_bounds():
+    x = torch.randn(3, 5)
+    with pytest.raises(celib.InputError, match="class index 7"):
+        kernels.triton_cross_entropy(x, torch.tensor([0, 7, 1]))
+    with pytest.raises(celib.InputError, match="float64"):
+        kernels.triton_cross_entropy(x.double(), torch.tensor([0, 1, 1]))
+    with pytest.raises(celib.InputError, match="power of two"):
+        kernels.triton_cross_entropy(x, torch.tensor([0, 1, 1]), max_block=48)
+    # Unchecked wrong targets: meaningless numbers, but no read or write outside the row (the meter sees none).
+    report = kernels.traffic(x, torch.tensor([0, 7, -5]), check_inputs=False)
+    assert report.logits_read == 15 and report.grad_written == 15
+
+
+def test_backend_dispatch():
+    x, t = torch.randn(4, 6), torch.randint(0, 6, (4,))
+    close(celib.cross_entropy(x, t, backend="triton"), F.cross_entropy(x, t))
+    assert not kernels.applies(x, t)  # CPU tensors: "auto" never picks the interpreter
+    module = kernels.TritonCrossEntropyLoss(label_smoothing=0.1)
+    close(module(x, t), F.cross_entropy(x, t, label_smoothing=0.1))
+
+
+# ---------------------------------------------------------------------------------------------- traffic meter
+
+
+@pytest.mark.parametrize("target_kind", ["index", "probabilities"])
+def test_traffic_one_block_reads_once_writes_once(target_kind):
+    x = torch.randn(8, 100)
+    t = torch.randint(0, 100, (8,)) if target_kind == "index" else torch.softmax(torch.randn(8, 100), 1)
+    report = kernels.traffic(x, t)
+    assert report.block == 128
+    assert (report.logits_read, report.grad_written) == (800, 800)
+    assert report.reads_per_logit == 1.0 and report.writes_per_logit == 1.0
+
+
+def test_traffic_multi_block_reads_twice_writes_once():
+    x = torch.randn(4, 1000)
+    report = kernels.traffic(x, torch.randint(0, 1000, (4,)), max_block=128, weight=torch.rand(1000))
+    assert report.block == 128
+    assert report.reads_per_logit == 2.0 and report.writes_per_logit == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- 64-bit offsets
+
+
+def test_row_offsets_are_64_bit():
+    """row_offset must not wrap when row * stride >= 2**31, even with 32-bit arguments."""
+    from celib.kernels.launch import interpreted
+
+    assert interpreted() or torch.cuda.is_available()  # sets Triton's mode before triton is imported here
+    from tests.kernel_probe import offset_probe as probe
+
+    out = torch.zeros(2, dtype=torch.int64, device="cpu" if interpreted() else "cuda")
+    probe[(2,)](out, 32766, 1, 128256, 0)
+    assert out.tolist() == [32766 * 128256, 32767 * 128256]  # 4.2e9: past 2**31 - 1
+    assert 32766 * 128256 > 2**31 - 1
+    probe[(1,)](out, 70000, 7, 40000 * 7, 40000)
+    assert out[0].item() == (70000 // 7) * 280000 + (70000 % 7) * 40000
