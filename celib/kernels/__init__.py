@@ -141,11 +141,13 @@ def traffic(input: torch.Tensor, target: torch.Tensor, *, max_block: int | None 
     ``kwargs`` are those of :func:`triton_cross_entropy` (weight=..., label_smoothing=..., ...).
     """
     _require_triton()
-    from celib.kernels.launch import MAX_BLOCK, as_rows, block_size
+    from celib.kernels.launch import MAX_BLOCK, as_rows, block_size, interpreted
+
+    if input.is_cuda or not interpreted():  # interpreted() also picks Triton's mode before triton is imported
+        raise InputError("the traffic meter counts under Triton's interpreter: pass CPU tensors, on a machine "
+                         "without a GPU (or with TRITON_INTERPRET=1 set before triton is imported).")
     from celib.kernels.meter import measure
 
-    if input.is_cuda:
-        raise InputError("the traffic meter runs under Triton's interpreter: pass CPU tensors.")
     x = input.detach().clone().requires_grad_(True)
     block = block_size(input.shape[0] if input.dim() == 1 else input.shape[1], max_block or MAX_BLOCK)
 

@@ -1,0 +1,34 @@
+"""The benchmark scripts run here; the GPU one says plainly that it measured nothing without a GPU."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the no-GPU path")
+def test_gpu_benchmark_without_a_gpu_reports_traffic_not_times():
+    out = run("benchmarks/bench_cross_entropy.py")
+    assert out.startswith("No CUDA GPU here: no timings are measured or printed.")
+    assert "| 8 | 1000 | 256 | 16000 | 8000 | 2.00 | 1.00 |" in out
+    assert "| 8 | 1000 | 1024 | 8000 | 8000 | 1.00 | 1.00 |" in out
+    assert "a floor of 1.401 ms at 3 TB/s (arithmetic, not a measurement)" in out
+
+
+def test_cpu_benchmark_prints_its_table():
+    out = run("benchmarks/bench_cpu.py", "--n", "64", "--c", "1000", "--ref-n", "32", "--repeats", "3")
+    lines = [line for line in out.splitlines() if line.startswith("| celib") or line.startswith("| same")]
+    assert len(lines) == 3
+    for line in lines:
+        ratio = float(line.rstrip(" |").split("|")[-1])
+        assert ratio > 0
