@@ -55,9 +55,10 @@ def streaming_logsumexp(z: ArrayLike, block_size: int) -> tuple[np.ndarray, Stre
 def streaming_cross_entropy(z: ArrayLike, target: ArrayLike, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-row cross-entropy and its gradient, computed as the fused kernel does.
 
-    Pass 1 streams the blocks for log-sum-exp and picks up the target logit when
-    its block goes by; pass 2 writes the gradient softmax - one_hot block by
-    block (p - 1 at the target, formed before any rounding to a smaller dtype).
+    Pass 1 streams the blocks for log-sum-exp (the kernel also picks up the
+    target logit as its block goes by; here it is simply indexed); pass 2 writes
+    the gradient softmax - one_hot block by block (p - 1 at the target, formed
+    before any rounding to a smaller dtype).
 
     Args:
         z: (N, C) logits. target: (N,) class indices.
