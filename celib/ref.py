@@ -70,7 +70,7 @@ def _log(x: np.ndarray, base: float | None) -> np.ndarray:
 def entropy(p: ArrayLike, base: float | None = None) -> np.ndarray:
     """H(P) = -sum P log P, with 0 log 0 = 0."""
     p = np.asarray(p, dtype=np.float64)
-    return -np.sum(p * _log(np.where(p > 0, p, 1.0), base), axis=-1)
+    return 0.0 - np.sum(p * _log(np.where(p > 0, p, 1.0), base), axis=-1)  # 0.0 - x: a certain outcome gives 0.0, not -0.0
 
 
 def cross_entropy_dist(p: ArrayLike, q: ArrayLike, base: float | None = None) -> np.ndarray:
