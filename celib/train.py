@@ -71,11 +71,19 @@ def fit(
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Softmax probabilities (n, C) of ``model`` on ``x``, in eval mode."""
+    """Probabilities of ``model`` on ``x``, in eval mode: softmax (n, C) for C > 1 outputs,
+    sigmoid (n, 1) for a single (binary) output."""
     model.eval()
-    return torch.softmax(model(x), dim=1)
+    logits = model(x)
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Predicted classes (n,) int64: the arg-max, or probability > 0.5 for a single binary output."""
+    probs = predict_proba(model, x)
+    return (probs[:, 0] > 0.5).long() if probs.shape[1] == 1 else probs.argmax(1)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Share of ``x`` whose arg-max class equals ``y``."""
-    return float((predict_proba(model, x).argmax(1) == y).float().mean())
+    """Share of ``x`` whose predicted class (see :func:`predict`) equals ``y``."""
+    return float((predict(model, x) == y.long()).float().mean())

@@ -40,6 +40,17 @@ def test_fit_learns_digits_and_is_repeatable():
     assert runs[0].test_accuracy[-1] > 0.85
 
 
+def test_binary_models_predict_with_a_sigmoid():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        model.bias.zero_()
+    x = torch.tensor([[2.0, 0.0], [-1.0, 5.0]])
+    assert train.predict(model, x).tolist() == [1, 0]
+    assert train.accuracy(model, x, torch.tensor([1.0, 1.0])) == 0.5
+    torch.testing.assert_close(train.predict_proba(model, x)[:, 0], torch.sigmoid(torch.tensor([2.0, -1.0])))
+
+
 def test_reliability_and_ece():
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     labels = np.array([0, 1, 1, 0])
