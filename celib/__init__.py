@@ -5,11 +5,12 @@
   (same names, arguments, defaults and results), with clear errors.
 - :mod:`celib.nn`: the matching ``torch.nn`` modules.
 - :func:`celib.diagnose`: names a mistake in the inputs to a loss, and its fix.
-- :mod:`celib.kernels`: a fused Triton softmax-cross-entropy kernel (optional;
-  imported only when used, so celib works where triton is absent).
+- :mod:`celib.kernels`: a fused Triton softmax-cross-entropy kernel (optional:
+  triton is imported only when the kernel runs, so celib works where triton is
+  absent).
 """
 
-from celib import nn, ref
+from celib import kernels, nn, ref
 from celib.diagnose import Finding, diagnose
 from celib.errors import InputError
 from celib.functional import (
@@ -32,6 +33,7 @@ __all__ = [
     "cross_entropy",
     "diagnose",
     "focal_loss",
+    "kernels",
     "kl_div",
     "nll_loss",
     "nn",

@@ -7,13 +7,17 @@ kernel, :mod:`~celib.kernels.launch` the host-side launcher,
 public functions and the ``nn.Module``.
 
 Importing this package does not import triton: :func:`available` says whether
-it can run. On CUDA tensors the compiled kernel runs; on CPU tensors the same
-kernel runs under Triton's interpreter (slow, for testing and teaching).
+it can run. On CUDA tensors the compiled kernel runs; on a machine without a
+GPU the same kernel runs under Triton's interpreter (slow, for testing and
+teaching), which this package selects when it is imported (``import celib``
+does), unless triton was imported before it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
 import torch
 from torch import nn
@@ -23,6 +27,22 @@ from celib.errors import InputError
 
 #: Logit dtypes the kernel takes (it accumulates in float32).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _prefer_interpreter_without_gpu() -> None:
+    """On a machine without a GPU, ask Triton for its interpreter before anything imports triton.
+
+    Triton fixes its mode (compiled or interpreted) when it is first imported,
+    from the TRITON_INTERPRET variable; without a GPU the compiled mode cannot
+    run at all. PyTorch itself imports triton lazily (for example on the first
+    optimizer step), so celib sets the variable when it is imported, not when
+    the kernel is first used. A value the user set is left alone.
+    """
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_prefer_interpreter_without_gpu()
 
 
 def available() -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,12 +18,10 @@ def _kernel():
     """The kernel: compiled for GPUs, or, on a machine without CUDA, run by Triton's interpreter.
 
     Triton chooses between the two when it is first imported (the TRITON_INTERPRET
-    variable), so celib sets that variable itself, before importing triton, when
-    no GPU is present: nobody has to set it by hand.
+    variable); ``celib.kernels`` sets that variable when it is imported on a
+    machine without a GPU, so nobody has to set it by hand.
     """
-    if not torch.cuda.is_available() and "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from celib.kernels.kernel import cross_entropy_kernel
+    from celib.kernels.kernel import cross_entropy_kernel  # Triton's mode was chosen when celib.kernels was imported
 
     return cross_entropy_kernel
 
