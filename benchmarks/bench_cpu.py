@@ -9,7 +9,7 @@ both sides alike:
    forward+backward on the same float64 input.
 
 Prints a Markdown table of median times and their ratios. Run:
-``python benchmarks/bench_cpu.py [--repeats 15] [--n 4096] [--c 32000]``.
+``python benchmarks/bench_cpu.py [--repeats 25] [--n 4096] [--c 32000]``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def interleaved(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, 
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run()
-    for _ in range(repeats):
-        for name, run in runs.items():
+    for r in range(repeats):
+        order = list(runs.items())
+        for name, run in order if r % 2 == 0 else order[::-1]:  # alternate the order: no side always goes first
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--c", type=int, default=32000)
     parser.add_argument("--ref-n", type=int, default=1024, help="rows for the float64 NumPy comparison")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=25)
     args = parser.parse_args()
     torch.manual_seed(0)
 

@@ -201,7 +201,9 @@ def cross_entropy_grad(
         # (a / C) * w everywhere plus (1 - a) * w_t at the target class.
         _, t, kept, w, w_t = _index_parts(input, target, weight, ignore_index)
         total_wq = (1 - a) * w_t + a / num_classes * np.sum(w) * kept
-        grad = total_wq[..., None] * p - (a / num_classes) * w * kept[..., None]
+        grad = total_wq[..., None] * p
+        if a:  # the smoothing part of w * q
+            grad -= (a / num_classes) * w * kept[..., None]
         np.put_along_axis(grad, t[..., None], _pick(grad, t)[..., None] - ((1 - a) * w_t)[..., None], axis=-1)
         denominator = np.sum(w_t)
     if reduction == "mean":
