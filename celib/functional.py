@@ -102,10 +102,7 @@ def cross_entropy(
     if backend not in BACKENDS:
         raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}.")
     validate.check_cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing)
-    if softcap is not None and not float(softcap) > 0:
-        raise InputError(f"softcap must be a positive number or None, got {softcap}.")
-    if float(z_loss) < 0:
-        raise InputError(f"z_loss must be >= 0, got {z_loss}.")
+    validate.check_extras(z_loss, softcap)
     use_kernel = backend == "triton"
     if backend == "auto" and input.is_cuda:
         kernels = _kernels()

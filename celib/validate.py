@@ -149,6 +149,14 @@ def check_cross_entropy_args(
         raise InputError(f"ignore_index must be an int, got {ignore_index!r}.")
 
 
+def check_extras(z_loss: float, softcap: float | None) -> None:
+    """Raise unless z_loss >= 0 and softcap is None or positive (the LLM options of cross_entropy)."""
+    if softcap is not None and not float(softcap) > 0:
+        raise InputError(f"softcap must be a positive number or None, got {softcap}.")
+    if float(z_loss) < 0:
+        raise InputError(f"z_loss must be >= 0, got {z_loss}.")
+
+
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise if an index target holds a class outside [0, C-1] other than ``ignore_index``.
 

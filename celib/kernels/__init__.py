@@ -112,10 +112,7 @@ def triton_cross_entropy(
             f"the Triton kernel takes float16, bfloat16 or float32 logits, got {input.dtype}; "
             f"use backend='torch' for {input.dtype}."
         )
-    if softcap is not None and not float(softcap) > 0:
-        raise InputError(f"softcap must be a positive number or None, got {softcap}.")
-    if float(z_loss) < 0:
-        raise InputError(f"z_loss must be >= 0, got {z_loss}.")
+    validate.check_extras(z_loss, softcap)
     block = MAX_BLOCK if max_block is None else int(max_block)
     if block < 1 or block & (block - 1):
         raise InputError(f"max_block must be a power of two, got {max_block}.")
