@@ -82,6 +82,12 @@ def test_page(browser, site, page):
     for raw in ("$$", "\\frac", "\\begin{", "\\sum"):
         assert raw not in prose, f"{page}: raw TeX {raw!r} left in the text"
 
+    # No empty code blocks (a solution whose inner code fence closed its directive leaves one behind).
+    empty = browser.execute_script(
+        "return Array.from(document.querySelectorAll('main div.highlight pre')).filter(p => !p.textContent.trim()).length;"
+    )
+    assert empty == 0, f"{page}: {empty} empty code block(s)"
+
     # Images: all loaded, each with alt text or a caption.
     images = browser.execute_script(
         """return Array.from(document.querySelectorAll('main img')).map(img => ({
