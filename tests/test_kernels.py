@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 import celib
 from celib import kernels
+from celib.kernels.launch import MAX_BLOCK, block_size
+from tests import bounds
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 
@@ -31,8 +33,28 @@ def both(x: torch.Tensor, target, upstream: torch.Tensor | None = None, **kwargs
     return la.detach(), a.grad, lb.detach(), b.grad
 
 
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+def check(x: torch.Tensor, target, upstream: torch.Tensor | None = None, **kwargs):
+    """Kernel and PyTorch in float32, both against the float64 truth (see tests/bounds.py).
+
+    The kernel's loss and gradient must lie within the float32 error bound of the truth, element by
+    element, and be no worse than PyTorch's float32 result by more than ``bounds.TORCH_FACTOR`` (plus
+    8 u of the largest value, for a PyTorch result that happens to be exact). Returns (loss, grad).
+    """
+    max_block = kwargs.get("max_block")
+    num_classes = x.shape[0] if x.dim() == 1 else x.shape[1]
+    block = block_size(num_classes, max_block or MAX_BLOCK)
+    la, ga, lb, gb = both(x, target, upstream, **kwargs)
+    truth_kwargs = {k: v for k, v in kwargs.items() if k != "max_block"}
+    tr = bounds.truth(x, target, upstream, block=block, **truth_kwargs)
+    bounds.assert_within(la, tr.loss, tr.loss_bound, "kernel loss")
+    bounds.assert_within(ga, tr.grad, tr.grad_bound, "kernel gradient")
+    for what, ours, theirs, exact in (("loss", la, lb, tr.loss), ("gradient", ga, gb, tr.grad)):
+        finite = exact[torch.isfinite(exact)]
+        slack = 8 * bounds.U32 * (float(finite.abs().max()) if finite.numel() else 0.0)
+        err, torch_err = bounds.max_error(ours, exact), bounds.max_error(theirs, exact)
+        assert err <= bounds.TORCH_FACTOR * torch_err + slack, (
+            f"kernel {what} error {err:.3g} vs PyTorch's {torch_err:.3g} (float64 truth)")
+    return la, ga
 
 
 # ---------------------------------------------------------------------------------------------- float32 grid
@@ -61,9 +83,7 @@ def test_index_targets_match_torch(kwargs, num_classes, max_block):
     if kw.get("weight") == "w":
         kw["weight"] = torch.rand(num_classes) + 0.1
     up = torch.randn(20) if kw.get("reduction") == "none" else None
-    la, ga, lb, gb = both(x, t, up, max_block=max_block, **kw)
-    close(la, lb)
-    close(ga, gb)
+    check(x, t, up, max_block=max_block, **kw)
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(label_smoothing=0.2, weight="w"), dict(reduction="none"), dict(reduction="sum")])
@@ -76,9 +96,7 @@ def test_probability_targets_match_torch(kwargs, max_block):
     if kw.get("weight") == "w":
         kw["weight"] = torch.rand(50) + 0.1
     up = torch.randn(9) if kw.get("reduction") == "none" else None
-    la, ga, lb, gb = both(x, q, up, max_block=max_block, **kw)
-    close(la, lb)
-    close(ga, gb)
+    check(x, q, up, max_block=max_block, **kw)
 
 
 @pytest.mark.parametrize("num_classes", [3, 1000, 4097, 131072])
@@ -86,9 +104,7 @@ def test_class_counts_up_to_131072(num_classes):
     torch.manual_seed(0)
     x = torch.randn(2, num_classes) * 4
     t = torch.tensor([0, num_classes - 1])
-    la, ga, lb, gb = both(x, t, reduction="none")
-    close(la, lb)
-    close(ga, gb)
+    check(x, t, reduction="none")
 
 
 def test_k_dimensional_input_and_one_dimensional_input():
@@ -97,17 +113,13 @@ def test_k_dimensional_input_and_one_dimensional_input():
     t = torch.randint(0, 6, (3, 4, 5))
     t[0, 1] = -100
     for reduction in ("none", "mean", "sum"):
-        la, ga, lb, gb = both(x, t, reduction=reduction, label_smoothing=0.1)
-        assert la.shape == lb.shape
-        close(la, lb)
-        close(ga, gb)
+        loss, _ = check(x, t, reduction=reduction, label_smoothing=0.1)
+        assert loss.shape == ((3, 4, 5) if reduction == "none" else ())
     q = torch.softmax(torch.randn(3, 6, 4, 5), 1)
-    close(*both(x, q, reduction="none")[::2])
+    check(x, q, reduction="none")
     v = torch.randn(11)
-    la, ga, lb, gb = both(v, torch.tensor(4), reduction="none")
-    assert la.shape == () and ga.shape == (11,)
-    close(la, lb)
-    close(ga, gb)
+    loss, grad = check(v, torch.tensor(4), reduction="none")
+    assert loss.shape == () and grad.shape == (11,)
 
 
 def test_strided_sliced_inputs_and_int32_targets():
@@ -116,34 +128,30 @@ def test_strided_sliced_inputs_and_int32_targets():
     x = big[::3, 7:250]  # row stride 900, non-contiguous
     assert not x.is_contiguous()
     t = torch.randint(0, 243, (x.shape[0],))
-    la, ga, lb, gb = both(x, t.int(), max_block=64)
-    close(la, lb)
-    close(ga, gb)
+    check(x, t.int(), max_block=64)
     col = torch.randn(300, 40).t()[:, :200]  # column stride != 1
-    close(*both(col, torch.randint(0, 200, (40,)), reduction="none")[::2])
+    check(col, torch.randint(0, 200, (40,)), reduction="none")
 
 
 def test_edge_cases_all_ignored_empty_and_equal_logits():
     x = torch.randn(5, 9)
     ignored = torch.full((5,), -100)
-    la, ga, lb, gb = both(x, ignored)
-    assert torch.isnan(la) and torch.isnan(lb)
-    close(ga, gb)  # zero gradient, as PyTorch
+    loss, grad = check(x, ignored)
+    assert torch.isnan(loss) and torch.equal(grad, torch.zeros_like(x))  # nan mean, zero gradient: as PyTorch
     for reduction in ("mean", "sum", "none"):
-        la, _, lb, _ = both(torch.randn(0, 9), torch.zeros(0, dtype=torch.long), reduction=reduction)
-        close(la, lb)
+        loss, _ = check(torch.randn(0, 9), torch.zeros(0, dtype=torch.long), reduction=reduction)
+        assert loss.shape == ((0,) if reduction == "none" else ())
     equal = torch.full((4, 1000), 3.0)
-    loss = kernels.triton_cross_entropy(equal, torch.tensor([0, 5, 999, 10]), reduction="none", max_block=256)
-    close(loss, torch.full((4,), math.log(1000)))
+    loss, _ = check(equal, torch.tensor([0, 5, 999, 10]), reduction="none", max_block=256)
+    # log 1000 = 6.9078: a sum of 1000 ones is exact in float32, so only log's rounding remains
+    assert (loss.double() - math.log(1000)).abs().max() <= 4 * bounds.U32 * math.log(1000)
 
 
 def test_extreme_logits():
     x = torch.tensor([[1e4, -1e4, 0.0, 5.0], [-1e4, -1e4, -1e4, -1e4], [1e4, 1e4, -1e4, 0.0]])
     t = torch.tensor([1, 2, 0])
-    la, ga, lb, gb = both(x, t, reduction="none")
-    assert torch.isfinite(la).all()
-    close(la, lb)
-    close(ga, gb)
+    loss, _ = check(x, t, reduction="none")
+    assert torch.isfinite(loss).all()
 
 
 def test_extras_match_the_torch_path():
@@ -155,38 +163,40 @@ def test_extras_match_the_torch_path():
     for reduction in ("none", "mean", "sum"):
         kw = dict(weight=w, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
         up = torch.randn(12) if reduction == "none" else None
-        la, ga, lb, gb = both(x, t, up, max_block=16, **kw)
-        close(la, lb)
-        close(ga, gb)
+        check(x, t, up, max_block=16, **kw)
     loss, lse = kernels.triton_cross_entropy(x, t, softcap=5.0, return_lse=True)
     assert lse.dtype == torch.float32
-    close(lse, torch.logsumexp(5.0 * torch.tanh(x / 5.0), 1))
+    exact = torch.logsumexp(5.0 * torch.tanh(x.double() / 5.0), 1)
+    # lse = m + log d: |lse| <= 5 + log 70, d to (log2 128 + 1 + log 70 + 8) u, tanh to a few u of |z| <= 5
+    bounds.assert_within(lse, exact, 2 * (7 + 1 + math.log(70) + 8) * bounds.U32 * (exact.abs() + 5 + 1), "lse")
 
 
 def test_loss_reused_and_scaled_after_the_call():
     x = torch.randn(6, 30)
     t = torch.randint(0, 30, (6,))
-    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a = x.clone().requires_grad_(True)
     la = kernels.triton_cross_entropy(a, t)
-    lb = F.cross_entropy(b, t)
     (3.0 * la + la**2).backward()
-    (3.0 * lb + lb**2).backward()
-    close(a.grad, b.grad)
+    # truth: d(3 l + l^2) = (3 + 2 l) dl; the kernel's dl is within the bound, and l (in the upstream
+    # 3 + 2 l) is off by at most the loss bound, which moves the gradient by 2 |loss bound| |dl|
+    tr = bounds.truth(x, t, block=32)
+    upstream = 3 + 2 * tr.loss
+    bound = upstream.abs() * tr.grad_bound + 2 * tr.loss_bound * tr.grad.abs() + 4 * bounds.U32 * (upstream * tr.grad).abs()
+    bounds.assert_within(a.grad, upstream * tr.grad, bound, "gradient of 3 l + l^2")
 
 
 def test_inplace_backward_writes_the_gradient_over_the_logits():
     x = torch.randn(5, 40)
     t = torch.randint(0, 40, (5,))
-    reference = x.clone().requires_grad_(True)
-    F.cross_entropy(reference, t).backward()
+    tr = bounds.truth(x, t, block=64)
     leaf = x.clone().requires_grad_(True)
     logits = leaf * 1.0  # a non-leaf, as the output of a model's last layer
     storage = logits.data_ptr()
     loss = kernels.triton_cross_entropy(logits, t, inplace_backward=True)
-    close(loss, F.cross_entropy(x, t))
-    close(logits.detach(), reference.grad)  # the logits' storage now holds the gradient
+    bounds.assert_within(loss, tr.loss, tr.loss_bound, "loss")
+    bounds.assert_within(logits, tr.grad, tr.grad_bound, "gradient in the logits' storage")
     loss.backward()
-    close(leaf.grad, reference.grad)
+    bounds.assert_within(leaf.grad, tr.grad, tr.grad_bound, "gradient")
     assert logits.data_ptr() == storage
 
 
@@ -255,10 +265,12 @@ def test_invalid_targets_raise_or_stay_in_bounds():
 
 def test_backend_dispatch():
     x, t = torch.randn(4, 6), torch.randint(0, 6, (4,))
-    close(celib.cross_entropy(x, t, backend="triton"), F.cross_entropy(x, t))
+    tr = bounds.truth(x, t, block=8)
+    bounds.assert_within(celib.cross_entropy(x, t, backend="triton"), tr.loss, tr.loss_bound, "loss")
     assert not kernels.applies(x, t)  # CPU tensors: "auto" never picks the interpreter
     module = kernels.TritonCrossEntropyLoss(label_smoothing=0.1)
-    close(module(x, t), F.cross_entropy(x, t, label_smoothing=0.1))
+    tr = bounds.truth(x, t, block=8, label_smoothing=0.1)
+    bounds.assert_within(module(x, t), tr.loss, tr.loss_bound, "module loss")
 
 
 # ---------------------------------------------------------------------------------------------- traffic meter
@@ -297,3 +309,24 @@ def test_row_offsets_are_64_bit():
     assert 32766 * 128256 > 2**31 - 1
     probe[(1,)](out, 70000, 7, 40000 * 7, 40000)
     assert out[0].item() == (70000 // 7) * 280000 + (70000 % 7) * 40000
+
+
+# ---------------------------------------------------------------------------------------------- the bound itself
+
+
+def test_float32_bound_is_tight_enough_to_catch_a_real_mistake():
+    """The bound accepts a correct float32 result and rejects results that are slightly wrong."""
+    torch.manual_seed(6)
+    x = torch.randn(16, 500) * 3
+    t = torch.randint(0, 500, (16,))
+    tr = bounds.truth(x, t, block=512, label_smoothing=0.1)
+    loss = celib.cross_entropy(x, t, label_smoothing=0.1)
+    bounds.assert_within(loss, tr.loss, tr.loss_bound, "PyTorch's float32 loss")
+    assert float(tr.loss_bound) < 1e-5 * float(tr.loss)  # about 100 u: loose, but not vacuous
+    wrong = celib.cross_entropy(x, t, label_smoothing=0.101)  # a smoothing off by 1e-3 moves the loss by 4e-4
+    with pytest.raises(AssertionError, match="exceeds the float32 bound"):
+        bounds.assert_within(wrong, tr.loss, tr.loss_bound, "loss with the wrong smoothing")
+    g = tr.grad.clone()
+    g[3, 7] *= 1 + 1e-4  # one gradient element off by 1e-4, relative
+    with pytest.raises(AssertionError, match=r"at \(3, 7\)"):
+        bounds.assert_within(g, tr.grad, tr.grad_bound, "gradient")
