@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := book,test,triton
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: book test unit nbval build-strict browser chromium notebooks bench clean
+.PHONY: book test unit nbval portability build-strict browser chromium notebooks bench clean
 
 # (Re)install only when the dependency declarations change.
 $(STAMP): pyproject.toml constraints.txt
@@ -20,13 +20,17 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build --quiet .
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
-test: unit nbval build-strict browser
+test: unit nbval portability build-strict browser
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests --ignore=tests/browser -q
 
 nbval: $(STAMP)
 	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with .nbval-sanitize.cfg chapters -q
+
+# nbval again on the floating-point paths of other machines (scalar kernels, one thread, AVX2); see the script.
+portability: $(STAMP)
+	$(BIN)/python tests/portability.py -j 2
 
 build-strict: $(STAMP)
 	rm -rf _build/html _build/.doctrees

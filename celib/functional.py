@@ -132,12 +132,13 @@ def cross_entropy(
     loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
     lse = None
     if z_loss or return_lse:
-        lse = torch.logsumexp(logits.float(), dim=0 if input.dim() == 1 else 1)
+        # float32 for half inputs, float64 for float64 (the z-loss is computed in it; return_lse gives float32)
+        lse = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), dim=0 if input.dim() == 1 else 1)
     if z_loss:
         loss = loss + _z_term(z_loss, lse, target, weight, ignore_index, reduction).to(loss.dtype)
     if loss_dtype is not None:
         loss = loss.to(loss_dtype)
-    return (loss, lse) if return_lse else loss
+    return (loss, lse.float()) if return_lse else loss
 
 
 def _z_term(
