@@ -156,6 +156,11 @@ def truth(x: torch.Tensor, target, upstream=None, *, block: int, weight=None, ig
     return Truth(loss.detach(), grad, torch.as_tensor(loss_bound, dtype=torch.float64), grad_bound)
 
 
+def upstream_like(loss: torch.Tensor, seed: int) -> torch.Tensor:
+    """The upstream gradient tests use: uniform in [0, 1), float64, seeded, of the loss's shape."""
+    return torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest |actual - expected| (float64), with nan == nan and inf == inf counted as 0."""
     a, e = actual.detach().double(), expected.double()

@@ -277,20 +277,76 @@ def test_backend_dispatch():
 
 
 @pytest.mark.parametrize("target_kind", ["index", "probabilities"])
-def test_traffic_one_block_reads_once_writes_once(target_kind):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_traffic_one_block_forward_and_backward_at_the_floor(target_kind, reduction):
+    """A row in one block, loss.backward() (upstream 1): 1 read + 1 write per logit, end to end."""
     x = torch.randn(8, 100)
     t = torch.randint(0, 100, (8,)) if target_kind == "index" else torch.softmax(torch.randn(8, 100), 1)
-    report = kernels.traffic(x, t)
+    report = kernels.traffic(x, t, reduction=reduction)
     assert report.block == 128
-    assert (report.logits_read, report.grad_written) == (800, 800)
-    assert report.reads_per_logit == 1.0 and report.writes_per_logit == 1.0
+    assert (report.logits_read, report.grad_written) == (800, 800), report.torch_ops
+    assert report.torch_ops == ()  # no PyTorch operator touches an N x C tensor
 
 
-def test_traffic_multi_block_reads_twice_writes_once():
+def test_traffic_one_block_upstream_not_one_scales_in_place():
+    x = torch.randn(8, 100)
+    report = kernels.traffic(x, torch.randint(0, 100, (8,)), upstream=0.5)
+    assert report.reads_per_logit == 2.0 and report.writes_per_logit == 2.0  # the in-place scaling pass
+    assert report.torch_ops == ()
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.5])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_traffic_streamed_rows_read_twice_write_once(upstream, reduction):
     x = torch.randn(4, 1000)
-    report = kernels.traffic(x, torch.randint(0, 1000, (4,)), max_block=128, weight=torch.rand(1000))
+    report = kernels.traffic(x, torch.randint(0, 1000, (4,)), max_block=128, weight=torch.rand(1000),
+                             upstream=upstream, reduction=reduction)
     assert report.block == 128
-    assert report.reads_per_logit == 2.0 and report.writes_per_logit == 1.0
+    assert report.reads_per_logit == 2.0 and report.writes_per_logit == 1.0, report.torch_ops
+
+
+@pytest.mark.parametrize("max_block", [None, 128])
+def test_traffic_forward_only_reads_once(max_block):
+    x = torch.randn(4, 1000)
+    report = kernels.traffic(x, torch.randint(0, 1000, (4,)), backward=False, max_block=max_block)
+    assert (report.logits_read, report.grad_written) == (4000, 0)
+
+
+def test_no_host_synchronisation_without_input_checks():
+    x, t = torch.randn(4, 300), torch.randint(0, 300, (4,))
+    for max_block in (None, 64):
+        assert kernels.traffic(x, t, check_inputs=False, max_block=max_block, label_smoothing=0.1).host_syncs == 0
+    assert kernels.traffic(x, t, check_inputs=True).host_syncs >= 1  # the range check reads the targets
+
+
+def test_meter_sees_pytorch_operators_on_the_logits():
+    """The meter is not blind to work outside the kernels: a softmax before the loss is counted."""
+    from celib.kernels.meter import measure
+
+    x = torch.randn(4, 100, requires_grad=True)
+
+    def run():
+        probs = torch.softmax(x, 1)  # reads N x C, writes N x C
+        kernels.triton_cross_entropy(probs, torch.zeros(4, dtype=torch.long)).backward()
+        return x, x.grad
+
+    report = measure(run, x, 128)
+    # softmax 1R 1W, kernel 1R 1W (of the probabilities), softmax's backward 2R 1W
+    assert report.reads_per_logit == 4.0 and report.writes_per_logit == 3.0
+    assert any("softmax" in op for op, _, _ in report.torch_ops)
+
+
+def test_second_backward_recomputes_the_gradient():
+    """retain_graph: the first backward scaled the one-block gradient in place; the second recomputes it."""
+    x = torch.randn(6, 50)
+    t = torch.randint(0, 50, (6,))
+    tr = bounds.truth(x, t, block=64)
+    a = x.clone().requires_grad_(True)
+    loss = kernels.triton_cross_entropy(a, t)
+    (g1,) = torch.autograd.grad(2.0 * loss, a, retain_graph=True)
+    (g2,) = torch.autograd.grad(3.0 * loss, a)
+    bounds.assert_within(g1, 2 * tr.grad, 2 * tr.grad_bound, "first backward")
+    bounds.assert_within(g2, 3 * tr.grad, 3 * tr.grad_bound, "second backward")
 
 
 # ---------------------------------------------------------------------------------------------- 64-bit offsets
@@ -330,3 +386,86 @@ def test_float32_bound_is_tight_enough_to_catch_a_real_mistake():
     g[3, 7] *= 1 + 1e-4  # one gradient element off by 1e-4, relative
     with pytest.raises(AssertionError, match=r"at \(3, 7\)"):
         bounds.assert_within(g, tr.grad, tr.grad_bound, "gradient")
+
+
+# ---------------------------------------------------------------------------------------------- masked logits
+
+
+def _masked_logits():
+    """8 rows of C = 64 logits (4 blocks of 16) with -inf: scattered, whole first / middle / last blocks,
+    all but one logit, the target's own logit, and a row that is entirely -inf."""
+    torch.manual_seed(8)
+    x = torch.randn(8, 64) * 3
+    x[0, torch.rand(64) < 0.3] = -math.inf
+    x[1, :16] = -math.inf  # first block
+    x[2, 16:32] = -math.inf  # a middle block
+    x[3, 48:] = -math.inf  # last block
+    x[4, 1:] = -math.inf  # one finite logit
+    x[5, 10] = -math.inf  # the target's logit (see targets)
+    x[6, :48] = -math.inf  # the first three blocks
+    x[7] = -math.inf  # nothing finite: nan, as in PyTorch
+    t = torch.tensor([5, 20, 40, 50, 0, 10, 60, 3])
+    t[0] = int((x[0] > -math.inf).nonzero()[0])
+    return x, t
+
+
+def _check_masked(x, target, **kwargs):
+    """Finite wherever PyTorch is finite, the same infinity where PyTorch's is infinite, nan only where
+    PyTorch's is nan; finite values within 1e-5 (1 + |exact|) of the float64 value, about 100 float32
+    rounding units."""
+    up = torch.rand(x.shape[0]) + 0.5
+    la, ga, lb, gb = both(x, target, up, reduction="none", **kwargs)
+    x64 = x.double().requires_grad_(True)
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items() if k != "max_block"}
+    t64 = target.double() if target.is_floating_point() else target
+    l64 = celib.cross_entropy(x64, t64, reduction="none", backend="torch", **kw64)
+    (l64 * up.double()).sum().backward()
+    for what, ours, theirs, exact in (("loss", la, lb, l64.detach()), ("gradient", ga, gb, x64.grad)):
+        finite = torch.isfinite(theirs)
+        assert torch.isfinite(ours[finite]).all(), f"{what}: not finite where PyTorch is: {ours[finite]}"
+        inf = torch.isinf(theirs)
+        assert torch.equal(ours[inf], theirs[inf]), f"{what}: PyTorch gives {theirs[inf]}, celib {ours[inf]}"
+        assert not (torch.isnan(ours) & ~torch.isnan(theirs)).any(), f"{what}: nan where PyTorch has none"
+        both_finite = finite & torch.isfinite(exact)
+        err = (ours.double() - exact)[both_finite].abs()
+        assert (err <= 1e-5 * (1 + exact[both_finite].abs())).all(), f"{what}: error {err.max():.3g}"
+    return la, ga
+
+
+MASKED = [
+    dict(),
+    dict(max_block=16),
+    dict(max_block=16, weight="w"),
+    dict(max_block=16, label_smoothing=0.1),
+    dict(max_block=16, label_smoothing=0.1, weight="w"),
+    dict(max_block=16, z_loss=1e-3),
+    dict(max_block=16, softcap=4.0),
+    dict(label_smoothing=0.2, weight="w", z_loss=1e-3, softcap=4.0),
+    dict(max_block=16, ignore_index=3),
+]
+
+
+@pytest.mark.parametrize("kwargs", MASKED, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()) or "default")
+def test_masked_logits_index_targets_as_pytorch(kwargs):
+    x, t = _masked_logits()
+    kw = dict(kwargs)
+    if kw.get("weight") == "w":
+        kw["weight"] = torch.rand(64) + 0.1
+        kw["weight"][[7, 33]] = 0.0  # zero-weight classes: 0 * inf must not make a nan of its own
+    loss, grad = _check_masked(x, t, **kw)
+    assert torch.isfinite(grad[:7]).all()  # every row with a finite logit has a finite gradient
+    if "softcap" not in kw and "ignore_index" not in kw:
+        assert torch.isinf(loss[5]) and torch.isnan(loss[7])  # -inf target logit: inf; all -inf: nan
+
+
+@pytest.mark.parametrize("max_block", [None, 16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_masked_logits_probability_targets(max_block, smoothing):
+    x, _ = _masked_logits()
+    x = x[:7]
+    q = torch.softmax(torch.randn(7, 64), 1)
+    q[torch.isinf(x)] = 0.0  # no mass on masked classes: finite loss (PyTorch computes 0 * inf = nan)
+    q = q / q.sum(1, keepdim=True)
+    loss, grad = _check_masked(x, q, max_block=max_block, label_smoothing=smoothing)
+    assert torch.isfinite(grad).all()
+    assert torch.isfinite(loss).all() if not smoothing else torch.isinf(loss).all()

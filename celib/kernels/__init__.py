@@ -103,7 +103,6 @@ def triton_cross_entropy(
         InputError: invalid arguments, as :func:`celib.cross_entropy`.
     """
     _require_triton()
-    from celib.kernels.autograd import CrossEntropyFunction
     from celib.kernels.launch import MAX_BLOCK
 
     validate.check_cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing)
@@ -126,11 +125,31 @@ def triton_cross_entropy(
         target = target.to(input.dtype)
     if weight is not None:
         weight = weight.to(device=input.device)
-    loss, lse = CrossEntropyFunction.apply(
-        input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
-        None if softcap is None else float(softcap), inplace_backward, loss_dtype, block,
-    )
+    options = (ignore_index, reduction, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    if torch.compiler.is_compiling():
+        loss, lse = _compiled(input, target, weight, *options, inplace_backward, block)
+    else:
+        from celib.kernels.autograd import CrossEntropyFunction
+
+        loss, lse = CrossEntropyFunction.apply(input, target, weight, *options, inplace_backward, block)
+    loss = loss.to(loss_dtype or input.dtype)
     return (loss, lse) if return_lse else loss
+
+
+def _compiled(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace_backward,
+              block):
+    """The path under torch.compile: one opaque op, ``celib::cross_entropy`` (see celib.kernels.autograd)."""
+    from celib.kernels.autograd import cross_entropy_op
+    from celib.kernels.launch import as_rows
+
+    if inplace_backward:
+        raise InputError("inplace_backward=True is not supported under torch.compile (the compiler must see "
+                         "every write); drop it there.")
+    target = as_rows(target) if target.is_floating_point() else target
+    loss, lse, _, _ = cross_entropy_op(as_rows(input), target, weight, ignore_index, reduction, label_smoothing,
+                                       z_loss, softcap, block)
+    batch_shape = input.shape[:0] if input.dim() == 1 else input.shape[:1] + input.shape[2:]
+    return (loss.view(batch_shape) if reduction == "none" else loss), lse.view(batch_shape)
 
 
 class TritonCrossEntropyLoss(nn.Module):
@@ -151,11 +170,16 @@ class TritonCrossEntropyLoss(nn.Module):
         )
 
 
-def traffic(input: torch.Tensor, target: torch.Tensor, *, max_block: int | None = None, **kwargs):
-    """Run the kernel once (forward with gradient) on CPU tensors under the interpreter and count
-    the elements it loads and stores. Returns a :class:`celib.kernels.meter.Traffic`.
+def traffic(input: torch.Tensor, target: torch.Tensor, *, backward: bool = True, upstream: float = 1.0,
+            max_block: int | None = None, **kwargs):
+    """Count the memory traffic of one call, end to end, under Triton's interpreter (CPU tensors).
 
-    ``kwargs`` are those of :func:`triton_cross_entropy` (weight=..., label_smoothing=..., ...).
+    Runs ``triton_cross_entropy(input, target, **kwargs)`` and, with ``backward=True``,
+    ``(loss * upstream).backward()`` (with ``upstream=1.0`` that is the usual ``loss.backward()``;
+    for ``reduction="none"``, ``loss.backward(torch.full_like(loss, upstream))``), and counts every
+    element the kernels load and store plus every element PyTorch operators outside the kernels
+    read or write of N x C tensors. ``backward=False`` runs the forward only, under ``torch.no_grad()``
+    (evaluation). Returns a :class:`celib.kernels.meter.Traffic`.
     """
     _require_triton()
     from celib.kernels.launch import MAX_BLOCK, as_rows, block_size, interpreted
@@ -165,26 +189,18 @@ def traffic(input: torch.Tensor, target: torch.Tensor, *, max_block: int | None 
                          "without a GPU (or with TRITON_INTERPRET=1 set before triton is imported).")
     from celib.kernels.meter import measure
 
-    x = input.detach().clone().requires_grad_(True)
+    x = input.detach().clone().requires_grad_(backward)
     block = block_size(input.shape[0] if input.dim() == 1 else input.shape[1], max_block or MAX_BLOCK)
 
     def run():
-        from celib.kernels import autograd
-
-        grads = {}
-        original = autograd.launch
-
-        def capture(*args, **kw):
-            out = original(*args, **kw)
-            grads["grad"] = out.grad
-            return out
-
-        autograd.launch = capture
-        try:
-            triton_cross_entropy(x, target, max_block=max_block, **kwargs)
-        finally:
-            autograd.launch = original
-        return x, grads.get("grad")
+        if not backward:
+            with torch.no_grad():
+                triton_cross_entropy(x, target, max_block=max_block, **kwargs)
+            return x, None
+        loss = triton_cross_entropy(x, target, max_block=max_block, **kwargs)
+        up = torch.full_like(loss, upstream)  # the gradient of (loss * upstream).sum() w.r.t. loss
+        loss.backward(up)
+        return x, x.grad
 
     return measure(run, as_rows(x), block)
 

@@ -1,68 +1,146 @@
-"""The autograd Function around the kernel: the gradient is computed in the forward launch."""
+"""Autograd for the kernels: an ``autograd.Function`` for eager mode, a ``torch.library`` op for torch.compile.
+
+Eager mode (:class:`CrossEntropyFunction`) moves the least data: for rows that
+fit in one block the forward launch writes the gradient and backward scales it
+in place by the upstream gradient, on the device, moving nothing when that is 1;
+streamed rows get their gradient from the backward kernel (see
+:mod:`celib.kernels.kernel`). A second backward through the same graph
+(``retain_graph=True``) finds the in-place gradient already scaled and
+recomputes it with the backward kernel.
+
+Under ``torch.compile`` the kernels are one opaque op to the compiler,
+``celib::cross_entropy`` (registered with :func:`torch.library.custom_op`, with
+a fake kernel for shapes and :func:`~torch.library.register_autograd`), so
+``fullgraph=True`` works. That op is functional (it never writes into a saved
+tensor), so its backward always uses the backward kernel: 2 reads and 1 write
+per logit for every row.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from celib.kernels.launch import as_rows, launch
+from celib.kernels import launch as L
+
+
+def _reduce(loss_rows: torch.Tensor, denominator: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / denominator
+
+
+def _denominator(x3, t, weight, ignore_index, reduction) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The mean's denominator (on the device; no host sync) and the gradient scale 1/denominator (or 1)."""
+    n, c, s = x3.shape
+    one = torch.ones((), dtype=torch.float32, device=x3.device)
+    if reduction != "mean":
+        return None, one
+    if t.is_floating_point():
+        denominator = torch.tensor(float(n * s), dtype=torch.float32, device=x3.device)
+    else:
+        kept = t != ignore_index
+        if weight is None:
+            denominator = kept.sum(dtype=torch.float32)
+        else:  # clamp: a wrong target (check_inputs=False) must not index out of bounds here either
+            denominator = (weight.float()[t.clamp(0, c - 1).long()] * kept).sum()
+    return denominator, one / denominator
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Loss (and per-row lse) forward; the backward scales the gradient the forward wrote.
-
-    The forward launch writes the gradient of the loss as if the upstream
-    gradient were 1 (already divided by the mean's denominator); the backward
-    multiplies it by the actual upstream gradient (a scalar, or one value per
-    position for ``reduction="none"``), so a loss that is scaled or reused
-    after the call gets the right gradient.
-    """
+    """Eager autograd around the kernels: loss and per-row lse forward; gradient as the module docstring says."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                inplace_backward, loss_dtype, max_block):
-        x = as_rows(logits)
-        n, c, s = x.shape
-        batch_shape = logits.shape[:0] if logits.dim() == 1 else logits.shape[:1] + logits.shape[2:]
-        prob = target.is_floating_point()
-        t = as_rows(target) if prob else target.reshape(-1)
-        if reduction == "mean":
-            if prob:
-                denominator = torch.tensor(float(n * s), dtype=torch.float32, device=logits.device)
-            else:
-                kept = t != ignore_index
-                if weight is None:
-                    denominator = kept.sum(dtype=torch.float32)
-                else:  # clamp: a wrong target (check_inputs=False) must not index out of bounds here either
-                    denominator = (weight.float()[t.clamp(0, c - 1).long()] * kept).sum()
-            grad_scale = 1.0 / denominator
-        else:
-            denominator = None
-            grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+                inplace_backward, max_block):
+        x = L.as_rows(logits)
+        t = L.as_rows(target) if target.is_floating_point() else target.reshape(-1)
+        denominator, grad_scale = _denominator(x, t, weight, ignore_index, reduction)
         compute_grad = ctx.needs_input_grad[0]
         in_place = inplace_backward and compute_grad  # write the gradient over the logits' storage
-        out = launch(x.detach(), t, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale,
-                     compute_grad, grad_out=x.detach() if in_place else None, max_block=max_block)
-        if reduction == "none":
-            loss = out.loss.view(batch_shape)
-        elif reduction == "sum":
-            loss = out.loss.sum()
-        else:
-            loss = out.loss.sum() / denominator
-        loss = loss.to(loss_dtype or logits.dtype)
+        out = L.forward(x.detach(), t, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale,
+                        compute_grad, grad_out=x.detach() if in_place else None, max_block=max_block)
+        batch_shape = logits.shape[:0] if logits.dim() == 1 else logits.shape[:1] + logits.shape[2:]
+        loss = _reduce(out.loss, denominator, reduction)
+        loss = loss.view(batch_shape) if reduction == "none" else loss
         lse = out.lse.view(batch_shape)
         ctx.mark_non_differentiable(lse)
-        ctx.reduction, ctx.rows_shape, ctx.input_shape, ctx.in_place = reduction, (n, 1, s), logits.shape, in_place
-        ctx.save_for_backward(out.grad if compute_grad else None)
+        if compute_grad:
+            ctx.save_for_backward(x, t, weight, out.stats, grad_scale)
+            ctx.grad = out.grad  # one-block rows: written already, scaled in place in backward
+            ctx.used = False
+            ctx.options = (ignore_index, label_smoothing, softcap, max_block, in_place, logits.shape)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad_loss = grad_loss.reshape(ctx.rows_shape)
-        if ctx.in_place:  # O(N) extra memory: scale the gradient where it lies (backward runs once)
-            grad = grad.mul_(grad_loss.to(grad.dtype))
-        else:
-            grad = grad * grad_loss.to(grad.dtype)
-        grad = grad.reshape(ctx.input_shape)
-        return grad, None, None, None, None, None, None, None, None, None, None
+        x, t, weight, stats, grad_scale = ctx.saved_tensors
+        ignore_index, label_smoothing, softcap, max_block, in_place, input_shape = ctx.options
+        grad, ctx.grad = ctx.grad, None  # the next backward (retain_graph) finds None and recomputes
+        if grad is not None:
+            grad = L.scale_(grad, grad_loss, max_block)  # in place, on the device: no traffic for an upstream of 1
+        elif in_place and ctx.used:
+            raise RuntimeError("celib cross_entropy with inplace_backward=True: the logits were overwritten by "
+                               "the gradient, so backward cannot run a second time (retain_graph).")
+        else:  # streamed rows, or a second backward through one-block rows
+            grad = L.backward(x, t, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, grad_loss,
+                              grad_out=x if in_place else None, max_block=max_block)
+        ctx.used = True
+        return grad.reshape(input_shape), None, None, None, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------- torch.compile
+
+
+@torch.library.custom_op("celib::cross_entropy", mutates_args=())
+def cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+                     reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,
+                     max_block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss in float32, per-row lse, per-row statistics, gradient scale) of logits (N, C, S)."""
+    t = target if target.is_floating_point() else target.reshape(-1)
+    denominator, grad_scale = _denominator(logits, t, weight, ignore_index, reduction)
+    out = L.forward(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, False,
+                    max_block=max_block)
+    return _reduce(out.loss, denominator, reduction), out.lse, out.stats, grad_scale
+
+
+@cross_entropy_op.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, max_block):
+    n, _, s = logits.shape
+    loss = logits.new_empty((n * s,) if reduction == "none" else (), dtype=torch.float32)
+    return (loss, logits.new_empty(n * s, dtype=torch.float32), logits.new_empty(3, n * s, dtype=torch.float32),
+            logits.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("celib::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward_op(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                              ignore_index: int, label_smoothing: float, softcap: float | None, stats: torch.Tensor,
+                              grad_scale: torch.Tensor, upstream: torch.Tensor, max_block: int) -> torch.Tensor:
+    """d(sum(loss * upstream)) / d logits, from the backward kernel (a new (N, C, S) tensor)."""
+    t = target if target.is_floating_point() else target.reshape(-1)
+    return L.backward(logits, t, weight, ignore_index, label_smoothing, softcap, stats, grad_scale,
+                      upstream.float(), max_block=max_block)
+
+
+@cross_entropy_backward_op.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, upstream, max_block):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, max_block = inputs
+    _, _, stats, grad_scale = output
+    ctx.save_for_backward(logits, target, weight, stats, grad_scale)
+    ctx.options = (ignore_index, label_smoothing, softcap, max_block)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_stats, grad_scale_out):
+    logits, target, weight, stats, grad_scale = ctx.saved_tensors
+    ignore_index, label_smoothing, softcap, max_block = ctx.options
+    grad = cross_entropy_backward_op(logits, target, weight, ignore_index, label_smoothing, softcap, stats,
+                                     grad_scale, grad_loss, max_block)
+    return grad, None, None, None, None, None, None, None, None
+
+
+cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
