@@ -3,6 +3,8 @@
 - :mod:`celib.ref`: NumPy reference implementations, written to be read.
 - ``celib.cross_entropy`` and friends: drop-ins for ``torch.nn.functional``
   (same names, arguments, defaults and results), with clear errors.
+- :func:`celib.linear_cross_entropy`: the output layer and the loss in one call,
+  chunked so that the (N, V) logits never exist at once.
 - :mod:`celib.nn`: the matching ``torch.nn`` modules.
 - :func:`celib.diagnose`: names a mistake in the inputs to a loss, and its fix.
 - :mod:`celib.kernels`: a fused Triton softmax-cross-entropy kernel (optional:
@@ -22,6 +24,7 @@ from celib.functional import (
     nll_loss,
     sigmoid_focal_loss,
 )
+from celib.linear import linear_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -35,6 +38,7 @@ __all__ = [
     "focal_loss",
     "kernels",
     "kl_div",
+    "linear_cross_entropy",
     "nll_loss",
     "nn",
     "ref",

@@ -90,3 +90,30 @@ class FocalLoss(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.focal_loss(input, target, self.gamma, self.weight, self.ignore_index, self.reduction)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`celib.linear_cross_entropy`: ``loss(input, linear_weight, target, linear_bias=None)``.
+
+    It holds the loss options (and the class ``weight`` as a buffer), not the linear layer: pass the
+    output layer's weight (e.g. ``lm_head.weight``) at each call, so the layer stays where the model has it.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None,
+                 chunk_size: int | None = None, backend: str = "auto", check_inputs: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.z_loss, self.softcap, self.chunk_size = z_loss, softcap, chunk_size
+        self.backend, self.check_inputs = backend, check_inputs
+
+    def forward(self, input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+                linear_bias: torch.Tensor | None = None) -> torch.Tensor:
+        from celib.linear import linear_cross_entropy
+
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+            softcap=self.softcap, chunk_size=self.chunk_size, backend=self.backend, check_inputs=self.check_inputs,
+        )

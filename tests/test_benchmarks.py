@@ -32,3 +32,11 @@ def test_cpu_benchmark_prints_its_table():
     for line in lines:
         ratio = float(line.rstrip(" |").split("|")[-1])
         assert ratio > 0
+
+
+def test_linear_cross_entropy_benchmark_prints_its_table():
+    out = run("benchmarks/bench_linear_ce.py", "--shapes", "256x32x2000", "--repeats", "1")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 256x32x2000")]
+    assert [r[2].strip() for r in rows] == ["naive", "torch reference", "torch chunked", "celib"]
+    for r in rows:
+        assert float(r[3]) > 0 and float(r[5]) >= 0  # seconds, peak MB

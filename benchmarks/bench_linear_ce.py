@@ -1,0 +1,135 @@
+"""Linear layer + cross-entropy, forward and backward: time and peak memory of four implementations.
+
+- naive: ``F.cross_entropy(input @ W.T, target)``, the (N, V) logits and their gradient in memory;
+- torch reference: ``F.linear_cross_entropy(..., options=None)`` (the same computation);
+- torch chunked: ``F.linear_cross_entropy(..., options=torch.nn.LinearCrossEntropyOptions())``;
+- celib: ``celib.linear_cross_entropy`` (chunks, gradient formed in forward).
+
+Time: the median of ``--repeats`` runs, the implementations interleaved in one process so that
+machine load affects them alike. Memory, on the CPU: the growth of the peak resident set size
+(``VmHWM`` in ``/proc/self/status``, reset before the call) of a fresh subprocess that builds the inputs, then runs one forward + backward of
+one implementation. That counts everything the call allocates (temporaries included), not only
+what PyTorch's allocator reports. On a CUDA GPU: CUDA-event times and ``max_memory_allocated``.
+
+Usage: ``python benchmarks/bench_linear_ce.py [--shapes 4096x512x32000,2048x512x128256] [--repeats 5]``.
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import celib  # noqa: E402
+
+IMPLEMENTATIONS = ("naive", "torch reference", "torch chunked", "celib")
+
+
+def make_inputs(n: int, h: int, v: int, device: str = "cpu", dtype=torch.float32, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(n, h, generator=g) / h**0.5).to(device=device, dtype=dtype).requires_grad_(True)
+    w = (torch.randn(v, h, generator=g) * 0.5).to(device=device, dtype=dtype).requires_grad_(True)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    return x, w, t
+
+
+def run_once(name: str, x, w, t) -> float:
+    """One forward + backward; returns the loss."""
+    if name == "naive":
+        loss = F.cross_entropy(x @ w.t(), t)
+    elif name == "torch reference":
+        loss = F.linear_cross_entropy(x, w, t)
+    elif name == "torch chunked":
+        loss = F.linear_cross_entropy(x, w, t, options=torch.nn.LinearCrossEntropyOptions())
+    else:
+        loss = celib.linear_cross_entropy(x, w, t)
+    loss.backward()
+    value = float(loss.detach())
+    x.grad = w.grad = None
+    return value
+
+
+def rss_mb(key: str = "VmRSS") -> float:
+    """This process's resident set (VmRSS) or its peak since the last reset (VmHWM), in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def measure_in_this_process(name: str, n: int, h: int, v: int) -> float:
+    """Peak RSS growth (MB) of one fwd+bwd of ``name``: VmHWM after the call minus VmRSS before it,
+    with the peak reset just before (``/proc/self/clear_refs``; ru_maxrss would carry the parent's
+    peak across exec)."""
+    x, w, t = make_inputs(n, h, v)
+    run_once(name, *make_inputs(64, h, 256))  # warm up: import paths, thread pools, allocator
+    before = rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    run_once(name, x, w, t)
+    return rss_mb("VmHWM") - before
+
+
+def peak_memory_mb(name: str, n: int, h: int, v: int) -> float:
+    """Peak RSS growth (MB) of one fwd+bwd of ``name``, in a fresh process (CPU, Linux)."""
+    code = ("import sys; sys.path.insert(0, %r); import bench_linear_ce as b; "
+            "print(b.measure_in_this_process(%r, %d, %d, %d))") % (os.path.dirname(os.path.abspath(__file__)),
+                                                                 name, n, h, v)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_table(shapes, repeats: int) -> list[dict]:
+    rows = []
+    for n, h, v in shapes:
+        x, w, t = make_inputs(n, h, v)
+        times = {name: [] for name in IMPLEMENTATIONS}
+        losses = {}
+        for name in IMPLEMENTATIONS:  # warm-up
+            losses[name] = run_once(name, x, w, t)
+        for _ in range(repeats):
+            for name in IMPLEMENTATIONS:  # interleaved
+                start = time.perf_counter()
+                run_once(name, x, w, t)
+                times[name].append(time.perf_counter() - start)
+        for name in IMPLEMENTATIONS:
+            rows.append(dict(shape=(n, h, v), name=name, seconds=statistics.median(times[name]),
+                             peak_mb=peak_memory_mb(name, n, h, v), loss=losses[name]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="4096x512x32000,2048x512x128256")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if torch.cuda.is_available():
+        print("A CUDA GPU is present, but this script measures the CPU only so far; GPU timings: none.")
+    print(f"CPU: torch {torch.__version__}, {torch.get_num_threads()} threads; float32; forward + backward; "
+          f"median of {args.repeats} interleaved runs; peak memory = peak RSS growth in a fresh process.\n")
+    rows = cpu_table(shapes, args.repeats)
+    print("| N x H x V | implementation | time (s) | vs naive | peak extra memory (MB) | vs naive |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        base = next(b for b in rows if b["shape"] == r["shape"] and b["name"] == "naive")
+        print(f"| {'x'.join(map(str, r['shape']))} | {r['name']} | {r['seconds']:.2f} | "
+              f"{r['seconds'] / base['seconds']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

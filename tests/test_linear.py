@@ -1,0 +1,215 @@
+"""celib.linear_cross_entropy against F.linear_cross_entropy's reference path (and a float64 truth)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import celib
+from celib import kernels
+from celib.linear import chunk_rows
+from tests import bounds
+
+V, H = 23, 6
+W64 = torch.Generator().manual_seed(7)
+
+
+def _inputs(n=17, dtype=torch.float64, ignored=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, H, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    t = torch.randint(0, V, (n,), generator=g)
+    t[torch.rand(n, generator=g) < ignored] = -100
+    return x, w, b, t
+
+
+def _grads(fn, x, w, b, upstream_seed=1):
+    """Loss and gradients of sum(loss * upstream) w.r.t. input, weight, bias."""
+    x, w, b = (v.detach().clone().requires_grad_(True) for v in (x, w, b))
+    loss = fn(x, w, b)
+    up = bounds.upstream_like(loss, upstream_seed)
+    (loss * up.to(loss.dtype)).sum().backward()
+    return loss.detach(), x.grad, w.grad, b.grad
+
+
+GRID = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(label_smoothing=0.2),
+    dict(weight="w"),
+    dict(weight="w", label_smoothing=0.1, reduction="sum"),
+    dict(weight="w", label_smoothing=0.3, reduction="none"),
+    dict(ignore_index=3),
+]
+
+
+@pytest.mark.parametrize("kwargs", GRID, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()) or "default")
+@pytest.mark.parametrize("chunk", [1, 4, 17, 100])
+def test_matches_torch_reference_float64(kwargs, chunk):
+    x, w, b, t = _inputs()
+    kw = dict(kwargs)
+    if kw.get("weight") == "w":
+        kw["weight"] = torch.rand(V, dtype=torch.float64, generator=W64) + 0.1
+    if "ignore_index" in kw:
+        t = torch.where(t == -100, torch.tensor(3), t)
+    theirs = _grads(lambda x, w, b: F.linear_cross_entropy(x, w, t, linear_bias=b, **kw), x, w, b)
+    ours = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk, **kw), x, w, b)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def test_gradcheck_float64():
+    x, w, b, t = _inputs(n=7)
+    x, w, b = (v.requires_grad_(True) for v in (x, w, b))
+    weight = torch.rand(V, dtype=torch.float64) + 0.5
+    for reduction in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: celib.linear_cross_entropy(x, w, t, linear_bias=b, weight=weight, reduction=reduction,
+                                                       label_smoothing=0.1, z_loss=1e-2, softcap=4.0, chunk_size=3),
+            (x, w, b))
+
+
+def test_extras_match_cross_entropy_of_the_logits():
+    x, w, b, t = _inputs()
+    kw = dict(z_loss=1e-2, softcap=2.5, label_smoothing=0.1)
+    for reduction in ("mean", "sum", "none"):
+        theirs = _grads(lambda x, w, b: celib.cross_entropy(F.linear(x, w, b), t, reduction=reduction, **kw), x, w, b)
+        ours = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction,
+                                                                 chunk_size=5, **kw), x, w, b)
+        for a, e in zip(ours, theirs):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_language_model_shapes_and_no_bias():
+    x, w, _, t = _inputs(n=12)
+    x3, t3 = x.reshape(3, 4, H), t.reshape(3, 4)
+    loss = celib.linear_cross_entropy(x3, w, t3, reduction="none", chunk_size=5)
+    assert loss.shape == (3, 4)
+    torch.testing.assert_close(loss, F.cross_entropy(x @ w.t(), t, reduction="none").reshape(3, 4), rtol=1e-12, atol=0)
+    x3.requires_grad_(True)
+    celib.linear_cross_entropy(x3, w, t3).backward()
+    xr = x.clone().requires_grad_(True)
+    F.cross_entropy(xr @ w.t(), t).backward()
+    torch.testing.assert_close(x3.grad.reshape(12, H), xr.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_and_empty_batches(reduction):
+    x, w, b, t = _inputs(n=5)
+    ignored = torch.full((5,), -100)
+    theirs = _grads(lambda x, w, b: F.linear_cross_entropy(x, w, ignored, linear_bias=b, reduction=reduction), x, w, b)
+    ours = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, ignored, linear_bias=b, reduction=reduction,
+                                                             chunk_size=2), x, w, b)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+    empty_x, empty_t = x[:0], t[:0]
+    theirs = _grads(lambda x, w, b: F.linear_cross_entropy(x, w, empty_t, linear_bias=b, reduction=reduction),
+                    empty_x, w, b)
+    ours = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, empty_t, linear_bias=b, reduction=reduction),
+                  empty_x, w, b)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+
+
+def test_float32_within_the_float32_bound_of_the_float64_truth():
+    """float32 results against the float64 truth, within a bound built from tests/bounds.py.
+
+    The float32 logits z = x W^T + b are off by at most e = (H + 2) u (|x| |W|^T + |b|) (a sum of H + 1
+    terms). The loss then moves by at most sum |dL/dz| max e, and the logit gradient
+    g = (p - y') / den by at most 2 p max_row(e) / den (the softmax Jacobian diag(p) - p p^T), on top of
+    the bound for exact logits. The products g W and g^T x add a relative (H + 2) u and (N + 2) u.
+    """
+    x, w, b, t = _inputs(n=40, ignored=0.2)
+    truth = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1), x, w, b)
+    ours = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1,
+                                                             chunk_size=16),
+                  x.float(), w.float(), b.float())
+    logits = x @ w.t() + b
+    tr = bounds.truth(logits, t, bounds.upstream_like(ours[0], 1), block=32, label_smoothing=0.1)
+    e = (H + 2) * bounds.U32 * (x.abs() @ w.abs().t() + b.abs())
+    loss_bound = tr.loss_bound + tr.grad.abs().sum() * e.max()
+    bounds.assert_within(ours[0], truth[0], loss_bound, "loss")
+    kept = (t != -100).double()
+    den = kept.sum()
+    up = float(bounds.upstream_like(ours[0], 1))
+    g_err = tr.grad_bound + 2 * up * torch.softmax(logits, 1) * e.amax(1, keepdim=True) * kept[:, None] / den
+    gx_bound = g_err @ w.abs() + (H + 2) * bounds.U32 * (tr.grad.abs() @ w.abs())
+    bounds.assert_within(ours[1], truth[1], gx_bound, "input gradient")
+    gw_bound = g_err.t() @ x.abs() + (len(x) + 2) * bounds.U32 * (tr.grad.abs().t() @ x.abs())
+    bounds.assert_within(ours[2], truth[2], gw_bound, "weight gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_no_worse_than_the_unfused_version(dtype):
+    """Half-precision inputs: the loss and gradients against the float64 truth are no worse than those
+    of F.cross_entropy(F.linear(...)) in the same dtype (celib accumulates over chunks in float32)."""
+    x, w, b, t = _inputs(n=64, ignored=0.1, seed=3)
+    x, w, b = x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double()  # representable in dtype
+    truth = _grads(lambda x, w, b: F.cross_entropy(F.linear(x, w, b), t), x, w, b)
+    ours = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=8),
+                  x.to(dtype), w.to(dtype), b.to(dtype))
+    unfused = _grads(lambda x, w, b: F.cross_entropy(F.linear(x, w, b), t), x.to(dtype), w.to(dtype), b.to(dtype))
+    for what, a, u, e in zip(("loss", "input grad", "weight grad", "bias grad"), ours, unfused, truth):
+        assert a.dtype == dtype
+        err, err_unfused = bounds.max_error(a, e), bounds.max_error(u, e)
+        scale = float(e.abs().max())
+        eps = torch.finfo(dtype).eps
+        assert err <= err_unfused + 2 * eps * scale, f"{what}: {err:.3g} vs unfused {err_unfused:.3g}"
+
+
+@pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+@pytest.mark.parametrize("kwargs", [dict(), dict(reduction="none"), dict(weight="w", label_smoothing=0.1, reduction="sum"),
+                                    dict(z_loss=1e-3, softcap=3.0)], ids=str)
+def test_triton_backend_matches_the_torch_backend(kwargs):
+    x, w, b, t = _inputs(n=19, dtype=torch.float32)
+    kw = dict(kwargs)
+    if kw.get("weight") == "w":
+        kw["weight"] = torch.rand(V) + 0.1
+    ref = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=8, **kw),
+                 x.double(), w.double(), b.double())
+    tri = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=8, backend="triton",
+                                                            **kw), x, w, b)
+    for a, e in zip(tri, ref):
+        # float32 against float64: every quantity here is O(1) and goes through ~10 + H roundings
+        torch.testing.assert_close(a.double(), e, rtol=0, atol=64 * bounds.U32 * max(1.0, float(e.abs().max())))
+
+
+def test_chunk_rule():
+    assert chunk_rows(4096, 32000) == 128
+    assert chunk_rows(4096, 128256) == 32
+    assert chunk_rows(10, 32000) == 10
+    assert chunk_rows(4096, 10**9) == 1
+    assert chunk_rows(5, 7, chunk_size=2) == 2
+    with pytest.raises(celib.InputError, match="chunk_size"):
+        chunk_rows(5, 7, chunk_size=0)
+
+
+def test_bad_input_names_the_fix():
+    x, w, b, t = _inputs()
+    with pytest.raises(celib.InputError, match=r"hidden size 6 .* expects H = 5"):
+        celib.linear_cross_entropy(x, w[:, :5], t)
+    with pytest.raises(celib.InputError, match="transposed"):
+        celib.linear_cross_entropy(torch.randn(4, V, dtype=torch.float64), w, t[:4])
+    with pytest.raises(celib.InputError, match=r"linear_bias must have shape \(23,\)"):
+        celib.linear_cross_entropy(x, w, t, linear_bias=b[:-1])
+    with pytest.raises(celib.InputError, match="class index 23"):
+        celib.linear_cross_entropy(x, w, torch.full_like(t, V))
+    with pytest.raises(celib.InputError, match="cast one of them"):
+        celib.linear_cross_entropy(x.float(), w, t)
+    with pytest.raises(celib.InputError, match="class indices"):
+        celib.linear_cross_entropy(x, w, torch.rand(len(t), V, dtype=torch.float64))
+    with pytest.raises(celib.InputError, match=r"expected \(17,\)"):
+        celib.linear_cross_entropy(x, w, t[:5])
+    with pytest.raises(celib.InputError, match="reduction"):
+        celib.linear_cross_entropy(x, w, t, reduction="batchmean")
+
+
+def test_module_matches_functional():
+    x, w, b, t = _inputs()
+    module = celib.nn.LinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=4)
+    torch.testing.assert_close(module(x, w, t, linear_bias=b),
+                               celib.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1), rtol=1e-12,
+                               atol=0)
