@@ -120,11 +120,11 @@ def main() -> None:
     print(f"CPU: torch {torch.__version__}, {torch.get_num_threads()} threads; float32; forward + backward; "
           f"median of {args.repeats} interleaved runs; peak memory = peak RSS growth in a fresh process.\n")
     rows = cpu_table(shapes, args.repeats)
-    print("| N x H x V | implementation | time (s) | vs naive | peak extra memory (MB) | vs naive |")
+    print("| N x H x V | implementation | time (ms) | vs naive | peak extra memory (MB) | vs naive |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         base = next(b for b in rows if b["shape"] == r["shape"] and b["name"] == "naive")
-        print(f"| {'x'.join(map(str, r['shape']))} | {r['name']} | {r['seconds']:.2f} | "
+        print(f"| {'x'.join(map(str, r['shape']))} | {r['name']} | {r['seconds'] * 1e3:.1f} | "
               f"{r['seconds'] / base['seconds']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:

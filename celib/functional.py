@@ -78,7 +78,9 @@ def cross_entropy(
             interpreter.
         check_inputs: validate target values (a class index outside [0, C-1]
             raises :class:`celib.InputError`). This reads the target and
-            synchronises with the GPU; ``False`` skips it.
+            synchronises with the GPU; ``False`` skips it. Under
+            ``torch.compile`` it is skipped too (a host read would break the
+            graph; see :func:`celib.validate.check_target_range`).
         z_loss: coefficient ``c`` of the z-loss (PaLM): ``c * lse**2`` is added
             to the loss of every kept position, not multiplied by ``weight``,
             and divided by the same denominator as the cross-entropy under

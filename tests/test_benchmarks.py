@@ -20,9 +20,15 @@ def run(*args: str) -> str:
 def test_gpu_benchmark_without_a_gpu_reports_traffic_not_times():
     out = run("benchmarks/bench_cross_entropy.py")
     assert out.startswith("No CUDA GPU here: no timings are measured or printed.")
-    assert "| 8 | 1000 | 256 | 16000 | 8000 | 2.00 | 1.00 |" in out
-    assert "| 8 | 1000 | 1024 | 8000 | 8000 | 1.00 | 1.00 |" in out
-    assert "a floor of 1.401 ms at 3 TB/s (arithmetic, not a measurement)" in out
+    # end to end, forward + backward: one block at the floor, streamed rows 2 reads + 1 write for any upstream
+    assert "| 8 | 1000 | 1024 | 1.0 | 8000 | 8000 | 1.00 | 1.00 |" in out
+    assert "| 8 | 1000 | 256 | 1.0 | 16000 | 8000 | 2.00 | 1.00 |" in out
+    assert "| 8 | 1000 | 256 | 0.5 | 16000 | 8000 | 2.00 | 1.00 |" in out
+    assert "Forward only (evaluation, no gradient): 1.00 reads and 0.00 writes per logit." in out
+    assert "a floor of 2.101 ms at 3 TB/s (arithmetic, not a measurement)" in out
+    config = [line for line in out.splitlines() if line.startswith("| 128256 |")]
+    assert [line.split("|")[2].strip() for line in config] == ["forward (streamed)", "backward"]
+    assert all(line.split("|")[6].strip() == "0" for line in config)  # no spills
 
 
 def test_cpu_benchmark_prints_its_table():

@@ -45,9 +45,12 @@ def _prefer_interpreter_without_gpu() -> None:
 _prefer_interpreter_without_gpu()
 
 
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def available() -> bool:
     """True when the triton package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def applies(input: torch.Tensor, target: torch.Tensor) -> bool:

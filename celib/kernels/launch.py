@@ -10,17 +10,22 @@ import torch
 from celib.errors import InputError
 
 #: Largest block of logits one program holds; longer rows are streamed in blocks of this size.
-#: Rows up to this length are read once (forward + backward), longer ones twice.
-MAX_BLOCK = 32768
+#: Rows up to this length are read once (forward + backward), longer ones twice. 8192 is the largest
+#: block that compiles without spilling registers on sm_80, sm_90a and sm_100a for every feature set:
+#: at 16384 a program must hold 16 or more float32 values per thread for z alone, and ptxas spills
+#: (64 to 560 bytes per thread at 16 or 32 warps; see ``python -m celib.kernels.compile``).
+MAX_BLOCK = 8192
 
 
 def num_warps(block: int) -> int:
-    """Warps per program for a block of ``block`` logits: at most 32 values of a row per thread.
+    """Warps per program for a block of ``block`` logits: 4 up to 2048, then one warp per 512 logits
+    (16 values of a row per thread; 8192 -> 16 warps).
 
-    Chosen by compiling every configuration for sm_80, sm_90a and sm_100a and reading ptxas's
-    register report (``tests/test_gpu_compile.py``): no configuration spills.
+    Checked by compiling every configuration for sm_80, sm_90a and sm_100a and reading ptxas's
+    register report (``tests/test_gpu_compile.py``): none spills. With 4 warps a block of 4096 needed
+    225-255 registers per thread (8 warps per SM); with 32 warps ptxas caps a thread at 64 registers.
     """
-    return max(4, min(32, block // (32 * 32)))
+    return max(4, min(16, block // 512))
 
 
 @lru_cache(maxsize=None)
