@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from celib.errors import InputError
@@ -68,6 +70,13 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], inner)
 
 
+def _quiet(device: torch.device):
+    """Under the interpreter (NumPy), silence inf * 0 and log(0) in lanes that tl.where then discards."""
+    if device.type == "cpu":
+        return np.errstate(invalid="ignore", divide="ignore")
+    return contextlib.nullcontext()
+
+
 def _check_device(logits: torch.Tensor) -> None:
     if not logits.is_cuda and not interpreted():
         raise InputError(
@@ -123,13 +132,16 @@ def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softc
     g = grad if grad is not None else logits  # never written without the gradient
     w = weight.float().contiguous() if weight is not None else loss  # a dummy pointer when unused
     if rows:
-        _kernels().forward_kernel[(rows,)](
-            logits, *_strides(logits), target, *_target_strides(target), w, g, *_strides(g),
-            loss, lse, stats, grad_scale,
-            rows, s, c, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
-            PROB_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,
-            COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps(block),
-        )
+        launch_forward = _kernels().forward_kernel[(rows,)]
+        with _quiet(device):
+            launch_forward(
+                logits, *_strides(logits), target, *_target_strides(target), w, g, *_strides(g),
+                loss, lse, stats, grad_scale,
+                rows, s, c, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
+                PROB_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None,
+                HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single,
+                num_warps=num_warps(block),
+            )
     return Forward(loss, lse, stats, grad, block)
 
 
@@ -146,13 +158,14 @@ def backward(logits, target, weight, ignore_index, label_smoothing, softcap, sta
     up = upstream.reshape(-1) if upstream.dim() else upstream.reshape(1)
     if rows:
         block = block_size(c, max_block)
-        _kernels().backward_kernel[(rows,)](
-            logits, *_strides(logits), target, *_target_strides(target), w, grad, *_strides(grad),
-            stats, grad_scale, up, 1 if upstream.dim() else 0,
-            rows, s, c, ignore_index, float(label_smoothing), float(softcap or 1.0),
-            PROB_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,
-            BLOCK=block, num_warps=num_warps(block),
-        )
+        with _quiet(logits.device):
+            _kernels().backward_kernel[(rows,)](
+                logits, *_strides(logits), target, *_target_strides(target), w, grad, *_strides(grad),
+                stats, grad_scale, up, 1 if upstream.dim() else 0,
+                rows, s, c, ignore_index, float(label_smoothing), float(softcap or 1.0),
+                PROB_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None,
+                HAS_SOFTCAP=softcap is not None, BLOCK=block, num_warps=num_warps(block),
+            )
     return grad
 
 
