@@ -45,7 +45,14 @@ def _prefer_interpreter_without_gpu() -> None:
 _prefer_interpreter_without_gpu()
 
 
-_TRITON = importlib.util.find_spec("triton") is not None
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation counts as absent
+        return False
+
+
+_TRITON = _find_triton()  # looked up once: torch.compile can then trace available()
 
 
 def available() -> bool:

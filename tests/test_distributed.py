@@ -1,0 +1,194 @@
+"""celib.distributed.vocab_parallel_cross_entropy on real gloo process groups (2 and 3 processes, this CPU).
+
+Each test spawns the processes (a free port chosen at run time, a timeout so that a hung rank fails the
+test instead of hanging CI); every rank builds the same full logits from a seed, takes its shard, and
+checks its loss and its shard's gradient against F.cross_entropy on the full logits in one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT = 120  # seconds for a whole run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, errors) -> None:
+    """Runs every scenario in one process group (one spawn per world size keeps the suite fast)."""
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    except BaseException:  # noqa: BLE001 - report to the parent, which fails the test
+        errors.put(f"rank {rank}, set-up: {traceback.format_exc()}")
+        return
+    try:
+        for name, scenario in SCENARIOS.items():
+            try:
+                scenario(rank, world)
+            except BaseException:  # noqa: BLE001 - the scenarios are written so that every rank fails alike
+                errors.put(f"rank {rank}, {name}: {traceback.format_exc()}")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(world: int) -> None:
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, errors))
+             for port in [_free_port()] for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT)
+    hung = [i for i, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert not hung, f"ranks {hung} did not finish within {TIMEOUT} s"
+    assert not found, "\n".join(found)
+    assert all(p.exitcode == 0 for p in procs)
+
+
+# ------------------------------------------------------------------------------------------- scenarios
+
+
+def _shards(world: int, vocab: int) -> list[int]:
+    """Uneven contiguous shards: rank r gets r + 1 parts of the vocabulary."""
+    weights = list(range(1, world + 1))
+    sizes = [vocab * w // sum(weights) for w in weights]
+    sizes[-1] += vocab - sum(sizes)
+    return sizes
+
+
+def _compare(rank: int, world: int, full: torch.Tensor, target: torch.Tensor, sizes: list[int], rtol: float,
+             **kwargs) -> None:
+    import celib
+    from celib.distributed import vocab_parallel_cross_entropy
+
+    start = sum(sizes[:rank])
+    local = full[:, start : start + sizes[rank]].clone().requires_grad_(True)
+    reference = full.clone().requires_grad_(True)
+    z_loss = kwargs.pop("z_loss", 0.0)
+    expected = celib.cross_entropy(reference, target, z_loss=z_loss, backend="torch", **kwargs)
+    got = vocab_parallel_cross_entropy(local, target, z_loss=z_loss, **kwargs)
+    up = torch.rand(expected.shape, generator=torch.Generator().manual_seed(3), dtype=full.dtype)
+    (expected * up).sum().backward()
+    (got * up).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol, equal_nan=True)
+    torch.testing.assert_close(local.grad, reference.grad[:, start : start + sizes[rank]], rtol=rtol, atol=rtol)
+
+
+def scenario_values_and_gradients(rank: int, world: int) -> None:
+    """float64 to 1e-12 over reductions, smoothing, ignore_index, z-loss, uneven shards."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 37
+    full = torch.randn(11, vocab, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(0, vocab, (11,), generator=g)
+    target[[2, 7]] = -100
+    for sizes in (_shards(world, vocab), [vocab - world + 1] + [1] * (world - 1)):
+        for kwargs in (dict(), dict(reduction="sum"), dict(reduction="none"), dict(label_smoothing=0.2),
+                       dict(label_smoothing=0.1, reduction="none", z_loss=1e-2)):
+            _compare(rank, world, full, target, sizes, 1e-12, **kwargs)
+
+
+def scenario_float32(rank: int, world: int) -> None:
+    """float32 shards against the float64 single-process result: within 1e-5 relative, about 100 float32
+    rounding units for O(1) values (each rank's sums, one more level of summation across ranks)."""
+    g = torch.Generator().manual_seed(1)
+    vocab = 1000
+    full64 = (torch.randn(16, vocab, generator=g, dtype=torch.float64) * 3).float().double()
+    target = torch.randint(0, vocab, (16,), generator=g)
+    import celib
+    from celib.distributed import vocab_parallel_cross_entropy
+
+    sizes = _shards(world, vocab)
+    start = sum(sizes[:rank])
+    local = full64[:, start : start + sizes[rank]].float().requires_grad_(True)
+    reference = full64.clone().requires_grad_(True)
+    expected = celib.cross_entropy(reference, target, label_smoothing=0.1)
+    got = vocab_parallel_cross_entropy(local, target, label_smoothing=0.1)
+    expected.backward()
+    got.backward()
+    assert got.dtype == torch.float32
+    assert abs(got.item() - expected.item()) <= 1e-5 * (1 + abs(expected.item()))
+    err = (local.grad.double() - reference.grad[:, start : start + sizes[rank]]).abs().max().item()
+    assert err <= 1e-5 * reference.grad.abs().max().item()
+
+
+def scenario_edge_cases(rank: int, world: int) -> None:
+    """All targets ignored; every target on rank 0 (the other ranks own none); an empty batch."""
+    g = torch.Generator().manual_seed(2)
+    vocab = 20
+    full = torch.randn(6, vocab, generator=g, dtype=torch.float64)
+    sizes = _shards(world, vocab)
+    _compare(rank, world, full, torch.full((6,), -100), sizes, 1e-12)  # nan mean, zero gradient
+    _compare(rank, world, full, torch.full((6,), -100), sizes, 1e-12, reduction="sum")
+    _compare(rank, world, full, torch.randint(0, sizes[0], (6,), generator=g), sizes, 1e-12, label_smoothing=0.1)
+    _compare(rank, world, full[:0], torch.zeros(0, dtype=torch.long), sizes, 1e-12, reduction="sum")
+
+
+def scenario_bad_target_raises_on_every_rank(rank: int, world: int) -> None:
+    """A target past the end of the last shard: InputError on every rank, nobody left in a collective."""
+    import celib
+    from celib.distributed import vocab_parallel_cross_entropy
+
+    sizes = _shards(world, 12)
+    local = torch.randn(3, sizes[rank])
+    with pytest.raises(celib.InputError, match="class index 12"):
+        vocab_parallel_cross_entropy(local, torch.tensor([0, 12, 1]))
+    dist.barrier()  # every rank got here: none is waiting in a collective
+
+
+def scenario_communication_volume(rank: int, world: int) -> None:
+    """O(N) numbers per rank, never the logits: 1 all-gather of P sizes, all-reduces of N and 3 N numbers."""
+    from celib.distributed import vocab_parallel_cross_entropy
+
+    moved = []
+    real_all_reduce, real_all_gather = dist.all_reduce, dist.all_gather
+
+    def all_reduce(tensor, *args, **kwargs):
+        moved.append(("all_reduce", tensor.numel()))
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    def all_gather(tensors, tensor, *args, **kwargs):
+        moved.append(("all_gather", tensor.numel() * len(tensors)))
+        return real_all_gather(tensors, tensor, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    try:
+        n, vocab = 64, 5000
+        local = torch.randn(n, _shards(world, vocab)[rank], requires_grad=True)
+        loss = vocab_parallel_cross_entropy(local, torch.randint(0, vocab, (n,)), label_smoothing=0.1)
+        loss.backward()  # local: no communication
+    finally:
+        dist.all_reduce, dist.all_gather = real_all_reduce, real_all_gather
+    assert moved == [("all_gather", world), ("all_reduce", n), ("all_reduce", 3 * n)], moved
+
+
+SCENARIOS = {name.removeprefix("scenario_"): fn for name, fn in globals().items() if name.startswith("scenario_")}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_cross_entropy(world):
+    """Every scenario above, on 2 and on 3 gloo processes."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    assert len(SCENARIOS) == 5
+    _run(world)
