@@ -17,7 +17,7 @@ def test_every_chapter_in_the_toc_exists():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
     chapters = [f for f in files if f.startswith("chapters/")]
-    assert len(chapters) == 8
+    assert len(chapters) == 9
     assert sorted(f"chapters/{p.stem}" for p in NOTEBOOKS) == sorted(chapters)
 
 
