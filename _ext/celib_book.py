@@ -5,7 +5,7 @@
   no network.
 - Thebe's scripts are dropped (no live kernels here).
 - The ``{penalty-of-confidence}`` directive inserts the self-contained widget
-  from :func:`celib.widgets.penalty_of_confidence_html`, computed at build time.
+  from :func:`celib.book.widgets.penalty_of_confidence_html`, computed at build time.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class PenaltyOfConfidence(SphinxDirective):
     has_content = False
 
     def run(self) -> list[nodes.Node]:
-        from celib.widgets import penalty_of_confidence_html
+        from celib.book.widgets import penalty_of_confidence_html
 
         return [nodes.raw("", penalty_of_confidence_html(), format="html")]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import celib
-from celib import data, metrics, plot, train, widgets
+from celib.book import data, metrics, plot, train, widgets
 
 
 def test_digits_split_is_stratified_seeded_and_unbalanced_on_request():
@@ -112,3 +112,13 @@ else:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "triton" in out.stdout.lower()
+
+
+def test_import_celib_leaves_the_book_helpers_out():
+    """A user of the library meets no book plumbing: no celib.book, scikit-learn or matplotlib."""
+    code = ("import sys, celib, celib.nn, celib.kernels, celib.linear\n"
+            "loaded = [m for m in sys.modules if m.startswith(('celib.book', 'sklearn', 'matplotlib'))]\n"
+            "print(loaded)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

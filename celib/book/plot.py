@@ -54,7 +54,7 @@ def use_style() -> None:
 
 
 def figure(nrows: int = 1, ncols: int = 1, *, width: float | None = None, height: float | None = None, **kwargs: Any):
-    """A new figure and axes in the book's style: ``fig, ax = celib.plot.figure()``.
+    """A new figure and axes in the book's style: ``fig, ax = celib.book.plot.figure()``.
 
     ``width``/``height`` are in inches; by default 6.4 wide and 4.0 high per row
     (width grows to 4.2 per column for several columns).
