@@ -82,7 +82,8 @@ def test_plot_style_has_opaque_white_background():
 def test_penalty_widget_numbers_come_from_celib():
     page = widgets.penalty_of_confidence_html()
     payload = json.loads(re.search(r"var d = (\{.*?\});", page).group(1))
-    assert payload["p"][0] == "1.00" and payload["p"][-1] == "0.01" and len(payload["p"]) == 100
+    assert payload["p"][0] == "0.01" and payload["p"][-1] == "1.00" and len(payload["p"]) == 100
+    assert payload["x"] == sorted(payload["x"])  # the slider runs along the x-axis: larger p, further right
     lookup = dict(zip(payload["p"], payload["loss"]))
     assert lookup["0.10"] == "2.30" and lookup["0.60"] == "0.51" and lookup["1.00"] == "0.00"
     for label in ("p = 0.99: 0.01", "p = 0.6: 0.51", "p = 0.1: 2.30", "p = 0.01: 4.61"):

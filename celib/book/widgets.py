@@ -29,15 +29,16 @@ def _svg_xy(p: np.ndarray, loss: np.ndarray, y_max: float) -> tuple[np.ndarray, 
 def penalty_of_confidence_html(element_id: str = "penalty-of-confidence") -> str:
     """HTML for "the penalty of confidence": the loss -log p of the true class, with a slider.
 
-    The slider moves the predicted probability p of the true class from 1.00
-    down to 0.01 in steps of 0.01; the marker on the curve and the readout
-    (p and the loss in nats, to 2 decimals) follow it. The points in
+    The slider moves the predicted probability p of the true class from 0.01
+    (left) up to 1.00 (right) in steps of 0.01, in the direction of the plot's
+    x-axis; the marker on the curve and the readout (p and the loss in nats,
+    to 2 decimals) follow it. The points in
     :data:`MARKED` are labelled with their losses. The loss is binary
     cross-entropy with true label 1, ``celib.ref.binary_cross_entropy(p, 1)``,
     which is exactly -log p.
     """
     y_max = 5.0
-    steps = np.round(1.0 - np.arange(100) / 100, 2)  # slider position k -> p = 1 - k/100
+    steps = np.round(0.01 + np.arange(100) / 100, 2)  # slider position k -> p = (k + 1) / 100
     loss_at = ref.binary_cross_entropy(steps, np.ones_like(steps), reduction="none")
     curve_p = np.linspace(np.exp(-y_max), 1.0, 300)
     curve_x, curve_y = _svg_xy(curve_p, ref.binary_cross_entropy(curve_p, np.ones_like(curve_p), reduction="none"), y_max)
@@ -52,7 +53,7 @@ def penalty_of_confidence_html(element_id: str = "penalty-of-confidence") -> str
         "x": [round(float(v), 1) for v in step_x],
         "y": [round(float(v), 1) for v in step_y],
     }
-    start = 40  # p = 0.60
+    start = 59  # p = 0.60
     i = html.escape(element_id)
 
     ticks = []
@@ -82,7 +83,7 @@ def penalty_of_confidence_html(element_id: str = "penalty-of-confidence") -> str
 <circle class="marker" cx="{data['x'][start]}" cy="{data['y'][start]}" r="7" fill="none" stroke="#b8322a" stroke-width="3"/>
 </svg>
 <div style="margin:0.3em 0">
-<label for="{i}-slider">Move the prediction from confident and right (left) to confident and wrong (right):</label><br/>
+<label for="{i}-slider">Move the prediction from confident and wrong (left) to confident and right (right):</label><br/>
 <input type="range" id="{i}-slider" class="slider" min="0" max="99" step="1" value="{start}" style="width:100%" aria-label="predicted probability of the true class"/>
 </div>
 <p style="margin:0">p = <output class="p-value">{data['p'][start]}</output>, loss = <output class="loss-value">{data['loss'][start]}</output> nats</p>

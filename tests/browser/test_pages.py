@@ -119,17 +119,19 @@ def test_penalty_of_confidence_slider(browser, site):
     readout = lambda: (widget.find_element(By.CSS_SELECTOR, ".p-value").text,  # noqa: E731
                        widget.find_element(By.CSS_SELECTOR, ".loss-value").text)
     assert readout() == ("0.60", "0.51")
-    before = (marker.get_attribute("cx"), marker.get_attribute("cy"))
+    before = float(marker.get_attribute("cx"))
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", slider)
     slider.click()  # a real click moves the thumb to the middle
-    slider.send_keys(Keys.HOME)
-    assert readout() == ("1.00", "0.00")
-    slider.send_keys(*([Keys.ARROW_RIGHT] * 90))  # p = 1 - 90/100
-    assert readout() == ("0.10", "2.30")
-    after = (marker.get_attribute("cx"), marker.get_attribute("cy"))
-    assert after != before, "moving the slider did not move the marker"
-    slider.send_keys(Keys.END)
+    slider.send_keys(Keys.HOME)  # the left end: confident and wrong
     assert readout() == ("0.01", "4.61")
+    left = float(marker.get_attribute("cx"))
+    assert left < before, "the slider's left end must put the marker at the left of the plot"
+    slider.send_keys(*([Keys.ARROW_RIGHT] * 9))  # p = (9 + 1) / 100
+    assert readout() == ("0.10", "2.30")
+    assert float(marker.get_attribute("cx")) > left, "moving the slider right must move the marker right"
+    slider.send_keys(Keys.END)
+    assert readout() == ("1.00", "0.00")
+    assert float(marker.get_attribute("cx")) > before
     labels = widget.find_element(By.TAG_NAME, "svg").text
     for mark in ("p = 0.99: 0.01", "p = 0.6: 0.51", "p = 0.1: 2.30", "p = 0.01: 4.61"):
         assert mark in labels
