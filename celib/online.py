@@ -29,10 +29,14 @@ class StreamTrace:
     running_sum: np.ndarray
 
 
-def streaming_logsumexp(z: ArrayLike, block_size: int) -> tuple[np.ndarray, StreamTrace]:
-    """Log-sum-exp of each row of ``z`` (N, C), reading each row once in blocks of ``block_size``.
+def streaming_logsumexp(
+    z: ArrayLike, block_size: int
+) -> tuple[np.ndarray, StreamTrace]:
+    """Log-sum-exp of each row of ``z`` (N, C), reading each row once, in
+    blocks of ``block_size``.
 
-    Returns the (N,) log-sum-exp and the running statistics after each block.
+    Returns the (N,) log-sum-exp and the running statistics after each
+    block.
     """
     z = np.atleast_2d(np.asarray(z, dtype=np.float64))
     n, c = z.shape
@@ -44,7 +48,8 @@ def streaming_logsumexp(z: ArrayLike, block_size: int) -> tuple[np.ndarray, Stre
         block_max = block.max(axis=1)
         new_m = np.maximum(m, block_max)
         # rescale what we had to the new max, then add this block's terms
-        s = s * np.exp(m - new_m) + np.exp(block - new_m[:, None]).sum(axis=1)
+        terms = np.exp(block - new_m[:, None]).sum(axis=1)
+        s = s * np.exp(m - new_m) + terms
         m = new_m
         trace.block_max = np.vstack([trace.block_max, block_max])
         trace.running_max = np.vstack([trace.running_max, m])
@@ -52,13 +57,15 @@ def streaming_logsumexp(z: ArrayLike, block_size: int) -> tuple[np.ndarray, Stre
     return m + np.log(s), trace
 
 
-def streaming_cross_entropy(z: ArrayLike, target: ArrayLike, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row cross-entropy and its gradient, computed as the fused kernel does.
+def streaming_cross_entropy(
+    z: ArrayLike, target: ArrayLike, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row cross-entropy and its gradient, as the fused kernel does it.
 
-    Pass 1 streams the blocks for log-sum-exp (the kernel also picks up the
-    target logit as its block goes by; here it is simply indexed); pass 2 writes
-    the gradient softmax - one_hot block by block (p - 1 at the target, formed
-    before any rounding to a smaller dtype).
+    Pass 1 streams the blocks for log-sum-exp (the kernel also picks up
+    the target logit as its block goes by; here it is simply indexed);
+    pass 2 writes the gradient softmax - one_hot block by block (p - 1 at
+    the target, formed before any rounding to a smaller dtype).
 
     Args:
         z: (N, C) logits. target: (N,) class indices.
@@ -75,6 +82,6 @@ def streaming_cross_entropy(z: ArrayLike, target: ArrayLike, block_size: int) ->
     for start in range(0, c, block_size):
         cols = np.arange(start, min(start + block_size, c))
         p = np.exp(z[:, cols] - lse[:, None])
-        p -= cols[None, :] == target[:, None]  # subtract 1 at the target class
+        p -= cols[None, :] == target[:, None]  # 1 off at the target class
         grad[:, cols] = p
     return lse - target_logit, grad

@@ -22,12 +22,15 @@ from numpy.typing import ArrayLike
 
 
 def logsumexp(z: ArrayLike, axis: int = -1) -> np.ndarray:
-    """log(sum(exp(z))) along ``axis``, shifted by the max so no exponent exceeds 0."""
+    """log(sum(exp(z))) along ``axis``, max shifted out: exponents <= 0."""
     z = np.asarray(z, dtype=np.float64)
     m = np.max(z, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)  # a row of -inf stays -inf instead of becoming nan
-    with np.errstate(divide="ignore"):  # log(0) = -inf is the right answer for an all -inf row
-        return np.squeeze(m, axis) + np.log(np.sum(np.exp(z - m), axis=axis))
+    # a row of -inf stays -inf instead of becoming nan
+    m = np.where(np.isfinite(m), m, 0.0)
+    # log(0) = -inf is the right answer for an all -inf row
+    with np.errstate(divide="ignore"):
+        total = np.sum(np.exp(z - m), axis=axis)
+        return np.squeeze(m, axis) + np.log(total)
 
 
 def log_softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:
@@ -51,7 +54,7 @@ def sigmoid(z: ArrayLike) -> np.ndarray:
 
 
 def log_sigmoid(z: ArrayLike) -> np.ndarray:
-    """log(sigmoid(z)) = min(z, 0) - log(1 + exp(-|z|)): finite for any finite z."""
+    """log sigmoid(z) = min(z, 0) - log(1 + exp(-|z|)): always finite."""
     z = np.asarray(z, dtype=np.float64)
     return np.minimum(z, 0.0) - np.log1p(np.exp(-np.abs(z)))
 
@@ -180,38 +183,45 @@ def cross_entropy_grad(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
 ) -> np.ndarray:
-    """Gradient of :func:`cross_entropy` with respect to the logits, from the formula.
+    """Gradient of :func:`cross_entropy` w.r.t. the logits, by the formula.
 
     Per position, with smoothed target q and softmax p, the gradient is
-    ``sum(w * q) * p - w * q``; with one-hot q and no weights that is p - y.
-    For ``reduction="none"`` this is the gradient of the summed losses. If every
-    target is ignored the gradient is 0 (the loss is nan under ``"mean"``).
-    Returns an array of the input's shape.
+    ``sum(w * q) * p - w * q``; with one-hot q and no weights, p - y.
+    For ``reduction="none"`` this is the gradient of the summed losses. If
+    every target is ignored the gradient is 0 (the loss is nan under
+    ``"mean"``). Returns an array of the input's shape.
     """
     a, target = label_smoothing, np.asarray(target)
     z = _classes_last(np.asarray(input, dtype=np.float64))
     num_classes = z.shape[-1]
     p = softmax(z)
     if np.issubdtype(target.dtype, np.floating):
-        wq = _class_weights(weight, num_classes) * _smoothed(target, a, num_classes)
+        w = _class_weights(weight, num_classes)
+        wq = w * _smoothed(target, a, num_classes)
         grad = np.sum(wq, axis=-1, keepdims=True) * p - wq
         denominator = p.size / num_classes
     else:
-        # q = (1 - a) * one_hot(t) + a / C on kept positions, 0 on ignored ones; w * q is
-        # (a / C) * w everywhere plus (1 - a) * w_t at the target class.
-        _, t, kept, w, w_t = _index_parts(input, target, weight, ignore_index)
+        # q = (1 - a) * one_hot(t) + a / C on kept positions, 0 on ignored
+        # ones; w * q is (a / C) * w everywhere plus (1 - a) * w_t at the
+        # target class.
+        parts = _index_parts(input, target, weight, ignore_index)
+        _, t, kept, w, w_t = parts
         total_wq = (1 - a) * w_t + a / num_classes * np.sum(w) * kept
         grad = total_wq[..., None] * p
         if a:  # the smoothing part of w * q
             grad -= (a / num_classes) * w * kept[..., None]
-        np.put_along_axis(grad, t[..., None], _pick(grad, t)[..., None] - ((1 - a) * w_t)[..., None], axis=-1)
+        at_target = _pick(grad, t) - (1 - a) * w_t
+        np.put_along_axis(grad, t[..., None], at_target[..., None], axis=-1)
         denominator = np.sum(w_t)
     if reduction == "mean":
-        # When every target is ignored the mean loss is 0/0 = nan, but nothing depends on the
-        # logits: the gradient is 0, as in PyTorch.
+        # When every target is ignored the mean loss is 0/0 = nan, but
+        # nothing depends on the logits: the gradient is 0, as in PyTorch.
         grad = grad / denominator if denominator != 0 else grad
     elif reduction not in ("none", "sum"):
-        raise ValueError(f"reduction={reduction!r} is not supported; use 'none', 'mean' or 'sum'.")
+        raise ValueError(
+            f"reduction={reduction!r} is not supported; use 'none', 'mean' "
+            f"or 'sum'."
+        )
     return _classes_back(grad, np.ndim(input))
 
 

@@ -110,61 +110,78 @@ def _grad_block(z, w, offs, mask, m, log_d, coef, target, w_t, smoothing, n_cols
 
 @triton.jit
 def forward_kernel(
-    logits_ptr, stride_ln, stride_ls, stride_lc,  # logits as (N, S, C): batch, inner position, class
-    target_ptr, stride_tn, stride_ts, stride_tc,  # index targets (N*S,) or probabilities (N, S, C)
+    # logits as (N, S, C): batch, inner position, class
+    logits_ptr, stride_ln, stride_ls, stride_lc,
+    # index targets (N*S,) or probabilities (N, S, C)
+    target_ptr, stride_tn, stride_ts, stride_tc,
     weight_ptr,  # (C,) class weights, read only if HAS_WEIGHT
-    grad_ptr, stride_gn, stride_gs, stride_gc,  # gradient (SINGLE_BLOCK only), may alias the logits
-    loss_ptr, lse_ptr, stats_ptr,  # (N*S,) float32 loss and lse; (3, N*S) float32 m, log d, coef
-    grad_scale_ptr,  # () float32 on the device: 1 / the mean's denominator, or 1
+    # gradient (SINGLE_BLOCK only), may alias the logits
+    grad_ptr, stride_gn, stride_gs, stride_gc,
+    # (N*S,) float32 loss and lse; (3, N*S) float32 m, log d, coef
+    loss_ptr, lse_ptr, stats_ptr,
+    grad_scale_ptr,  # () float32: 1 / the mean's denominator, or 1
     n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # 64-bit from here on: row * stride never overflows
+    # 64-bit from here on: row * stride never overflows
+    row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
     q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
     cols = tl.arange(0, BLOCK)
-    target, kept, w_t = _target(target_ptr, weight_ptr, row, stride_tn, ignore_index, n_cols,
-                                PROB_TARGET, HAS_WEIGHT)
+    target, kept, w_t = _target(target_ptr, weight_ptr, row, stride_tn,
+                                ignore_index, n_cols, PROB_TARGET,
+                                HAS_WEIGHT)
 
     m = -float("inf")  # running max
     d = 0.0  # running sum of exp(z - m)
-    r = -float("inf")  # reference: the first finite block max; sums of w (z - r) lose nothing to large |z|
+    # r: a reference, the first finite block max; sums of w (z - r) lose
+    # nothing to large |z|
+    r = -float("inf")
     sum_wz = 0.0  # sum of w_c (z_c - r) over finite z_c with w_c > 0
-    n_inf = 0.0  # count of -inf logits with w_c > 0: each makes the smoothing term +inf
+    # count of -inf logits with w_c > 0: each makes the smoothing term +inf
+    n_inf = 0.0
     sum_w = 0.0  # sum_c w_c
     z_t = 0.0  # the target's logit, picked up when its block goes by
-    z = tl.full([BLOCK], -float("inf"), tl.float32)  # defined before the loop so that, for a single
-    w = tl.zeros([BLOCK], tl.float32)  # block, the gradient can reuse them after it
+    # defined before the loop so that, for a single block, the gradient can
+    # reuse them after it
+    z = tl.full([BLOCK], -float("inf"), tl.float32)
+    w = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n_cols, BLOCK):
         offs = start + cols
         mask = offs < n_cols
-        z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing, softcap,
+        z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc,
+                           stride_tc, n_cols, smoothing, softcap,
                            PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, BLOCK)
         block_max = tl.max(z, axis=0)
         m_new = tl.maximum(m, block_max)
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # no (-inf) - (-inf) while all is -inf
+        # no (-inf) - (-inf) while everything so far is -inf
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
         d = d * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = m_new
         r = tl.where(r == -float("inf"), block_max, r)
         finite = (w > 0) & (z > -float("inf"))
         sum_wz += tl.sum(tl.where(finite, w * (z - r), 0.0), axis=0)
-        n_inf += tl.sum(tl.where((w > 0) & (z == -float("inf")), 1.0, 0.0), axis=0)
+        masked = (w > 0) & (z == -float("inf"))
+        n_inf += tl.sum(tl.where(masked, 1.0, 0.0), axis=0)
         sum_w += tl.sum(w, axis=0)
         if not PROB_TARGET:
             z_t += tl.sum(tl.where(offs == target, z, 0.0), axis=0)
     log_d = tl.log(d)
     lse = m + log_d
-    # sum_c w_c (lse - z_c), written so that no large |z| is subtracted from another; +inf if any
-    # weighted logit is -inf
-    weighted = tl.where(n_inf > 0, float("inf"), sum_w * ((m - r) + log_d) - sum_wz)
+    # sum_c w_c (lse - z_c), so that no large |z| is subtracted from
+    # another; +inf if any weighted logit is -inf
+    weighted = sum_w * ((m - r) + log_d) - sum_wz
+    weighted = tl.where(n_inf > 0, float("inf"), weighted)
 
     if PROB_TARGET:
         loss = weighted
         coef = sum_w
     else:
         c_t = (1.0 - smoothing) * w_t
-        loss = tl.where(c_t > 0, c_t * ((m - z_t) + log_d), 0.0)  # a zero factor times inf is 0
+        # a zero factor times inf is 0
+        loss = tl.where(c_t > 0, c_t * ((m - z_t) + log_d), 0.0)
         loss += tl.where(smoothing > 0, smoothing / n_cols * weighted, 0.0)
         coef = c_t + smoothing / n_cols * sum_w
     loss += tl.where(z_loss > 0, z_loss * lse * lse, 0.0)
@@ -175,13 +192,17 @@ def forward_kernel(
     tl.store(stats_ptr + n_rows + row, log_d)
     tl.store(stats_ptr + 2 * n_rows + row, tl.where(kept, coef, 0.0))
 
-    if COMPUTE_GRAD and SINGLE_BLOCK:  # the gradient from the block still in registers
+    # the gradient, from the block still in registers
+    if COMPUTE_GRAD and SINGLE_BLOCK:
         scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)
-        g = _grad_block(z, w, cols, cols < n_cols, m, log_d, coef, target, w_t, smoothing, n_cols, softcap, scale,
-                        PROB_TARGET, HAS_SOFTCAP)
-        g = tl.where(kept, g, 0.0)  # an ignored row gets 0, even if its logits are all -inf
+        g = _grad_block(z, w, cols, cols < n_cols, m, log_d, coef, target,
+                        w_t, smoothing, n_cols, softcap, scale, PROB_TARGET,
+                        HAS_SOFTCAP)
+        # an ignored row gets 0, even if its logits are all -inf
+        g = tl.where(kept, g, 0.0)
         g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
-        tl.store(g_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+        g_out = g.to(grad_ptr.dtype.element_ty)
+        tl.store(g_row + cols * stride_gc, g_out, mask=cols < n_cols)
 
 
 @triton.jit

@@ -88,6 +88,20 @@ def test_page(browser, site, page):
     )
     assert empty == 0, f"{page}: {empty} empty code block(s)"
 
+    # Code and outputs fit the page at 1280 px: no block scrolls sideways, and no line of code or printed
+    # output is longer than the 76 characters a block shows (hidden solutions included; tracebacks, shown as
+    # Python prints them, wrap instead: _static/celib.css).
+    wide = browser.execute_script(
+        """return Array.from(document.querySelectorAll('main div.highlight pre')).flatMap(p => {
+            const out = [];
+            if (p.clientWidth > 0 && p.scrollWidth > p.clientWidth + 1) out.push('scrolls: ' + p.textContent.slice(0, 60));
+            if (!p.closest('.traceback')) p.textContent.split('\\n').filter(l => l.length > 76)
+                .forEach(l => out.push(l.length + ': ' + l.slice(0, 80)));
+            return out;
+        });"""
+    )
+    assert wide == [], f"{page}: {len(wide)} code or output line(s) wider than the page: {wide}"
+
     # Images: all loaded, each with alt text or a caption.
     images = browser.execute_script(
         """return Array.from(document.querySelectorAll('main img')).map(img => ({
