@@ -179,16 +179,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         gw = torch.zeros(w.shape, dtype=acc, device=w.device) if grads_now and need_w else None
         gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if grads_now and need_b else None
         losses = torch.empty(n, dtype=acc, device=x.device)
-        lses = torch.empty(n, dtype=losses.dtype, device=x.device)
         buffers = _Chunk.buffers(min(rows, n), w, acc, raw=backend == "triton")
         for start in range(0, n, rows):
             xs, ts = x[start : start + rows], t[start : start + rows]
             z = chunk.logits(xs, w, b, buffers, raw=backend == "triton")
-            loss, lse = _chunk_loss_and_grad(chunk, z, ts, scale_all, None, grads_now, backend)
-            losses[start : start + rows], lses[start : start + rows] = loss, lse
+            loss, _ = _chunk_loss_and_grad(chunk, z, ts, scale_all, None, grads_now, backend)
+            losses[start : start + rows] = loss
             if grads_now:
                 _fold(z, xs, w, gx, gw, gb, start)
-        ctx.save_for_backward(x, w, b, t, weight, lses)
+        ctx.save_for_backward(x, w, b, t, weight)
         ctx.grads = (gx, gw, gb) if grads_now else None
         ctx.scale_all = scale_all
         ctx.options = (ignore_index, reduction, smoothing, z_loss, softcap, rows, backend)
@@ -202,7 +201,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, b, t, weight, lses = ctx.saved_tensors
+        x, w, b, t, weight = ctx.saved_tensors
         ignore_index, reduction, smoothing, z_loss, softcap, rows, backend = ctx.options
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = _accumulation_dtype(x)

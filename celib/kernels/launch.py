@@ -104,7 +104,6 @@ class Forward:
     lse: torch.Tensor
     stats: torch.Tensor
     grad: torch.Tensor | None
-    block: int
 
 
 def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, compute_grad,
@@ -142,7 +141,7 @@ def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softc
                 HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single,
                 num_warps=num_warps(block),
             )
-    return Forward(loss, lse, stats, grad, block)
+    return Forward(loss, lse, stats, grad)
 
 
 def backward(logits, target, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, upstream,

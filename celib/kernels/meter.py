@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Operators that move no tensor data: views, allocations, metadata.
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
                "view", "_unsafe_view", "reshape", "as_strided", "expand", "t", "transpose", "permute", "squeeze",
-               "unsqueeze", "slice", "select", "_to_copy_noop", "lift_fresh", "set_", "resize_", "sym_size",
+               "unsqueeze", "slice", "select", "lift_fresh", "set_", "resize_", "sym_size",
                "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type"}
 
 
