@@ -61,7 +61,10 @@ def cross_entropy(
             (N, d1, ..., dk) with values in [0, C-1] or ``ignore_index``
             (int64 as PyTorch wants; other integer dtypes are accepted and
             cast); or class probabilities, a float tensor of the input's shape.
-        weight: optional float tensor of shape (C,), a rescaling per class.
+        weight: optional float tensor of shape (C,), a rescaling per class
+            (negative values allowed, as in PyTorch). A dtype other than the
+            input's is accepted: the torch backend casts it to the input's
+            dtype, the kernel reads it in float32.
         ignore_index: a target value whose positions contribute no loss and no
             gradient (index targets only).
         reduction: ``"none"`` (loss per position, shape of the batch),
@@ -130,6 +133,8 @@ def cross_entropy(
             validate.check_target_range(target, num_classes, ignore_index)
         if target.dtype != torch.int64:
             target = target.long()
+    if weight is not None and weight.dtype != input.dtype:
+        weight = weight.to(input.dtype)  # PyTorch wants one dtype; the kernel takes any (it computes in float32)
     logits = input if softcap is None else softcap * torch.tanh(input / softcap)
     loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
     lse = None

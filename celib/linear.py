@@ -244,15 +244,15 @@ def _chunk_loss_and_grad(chunk: _Chunk, z, ts, scale_all, upstream, want_grad, b
 
         n, c = z.shape
         rows = z.view(n, c, 1)
+        # With a per-row upstream (reduction="none", known only in backward) the forward kernel writes no
+        # gradient and the backward kernel forms it, upstream included: rounded once, any upstream layout.
+        grad_now = want_grad and upstream is None
         out = launch.forward(rows, ts, chunk.weight, chunk.ignore_index, chunk.smoothing, chunk.z_loss,
-                             chunk.softcap, scale_all, want_grad, grad_out=rows if want_grad else None)
-        if want_grad:
+                             chunk.softcap, scale_all, grad_now, grad_out=rows if grad_now else None)
+        if want_grad and out.grad is None:  # streamed rows, or an upstream: re-read the logits, write over them
             up = torch.ones((), dtype=torch.float32, device=z.device) if upstream is None else upstream.float()
-            if out.grad is None:  # a streamed row: the backward kernel re-reads the logits, writes over them
-                launch.backward(rows, ts, chunk.weight, chunk.ignore_index, chunk.smoothing, chunk.softcap,
-                                out.stats, scale_all, up, grad_out=rows)
-            elif upstream is not None:
-                launch.scale_(rows, up)
+            launch.backward(rows, ts, chunk.weight, chunk.ignore_index, chunk.smoothing, chunk.softcap,
+                            out.stats, scale_all, up, grad_out=rows)
         return out.loss, out.lse
     scale = scale_all.to(z.dtype) * (ts != chunk.ignore_index)
     if upstream is not None:

@@ -16,19 +16,37 @@ def run(*args: str) -> str:
     return out.stdout
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the no-GPU path")
-def test_gpu_benchmark_without_a_gpu_reports_traffic_not_times():
+def test_on_paper_benchmark_reports_traffic_resources_and_syncs():
     out = run("benchmarks/bench_cross_entropy.py")
-    assert out.startswith("No CUDA GPU here: no timings are measured or printed.")
-    # end to end, forward + backward: one block at the floor, streamed rows 2 reads + 1 write for any upstream
-    assert "| 8 | 1000 | 1024 | 1.0 | 8000 | 8000 | 1.00 | 1.00 |" in out
-    assert "| 8 | 1000 | 256 | 1.0 | 16000 | 8000 | 2.00 | 1.00 |" in out
-    assert "| 8 | 1000 | 256 | 0.5 | 16000 | 8000 | 2.00 | 1.00 |" in out
+    assert out.startswith("On paper: no time is measured here")
+    # end to end, forward + backward: one block at the floor (plus one target logit per row), one block at
+    # an upstream of 0.5 recomputed (2 + 2), streamed rows 2 reads + 1 write for any upstream
+    assert "| 8 | 1000 | 1024 | 1.0 | 8008 | 8000 | 1.00 | 1.00 |" in out
+    assert "| 8 | 1000 | 1024 | 0.5 | 16008 | 16000 | 2.00 | 2.00 |" in out
+    assert "| 8 | 1000 | 256 | 0.5 | 16008 | 8000 | 2.00 | 1.00 |" in out
+    assert "| 2 | 16384 | 16384 | 1.0 | 32770 | 32768 | 1.00 | 1.00 |" in out  # 16384 is one block now
     assert "Forward only (evaluation, no gradient): 1.00 reads and 0.00 writes per logit." in out
-    assert "a floor of 2.101 ms at 3 TB/s (arithmetic, not a measurement)" in out
-    config = [line for line in out.splitlines() if line.startswith("| 128256 |")]
-    assert [line.split("|")[2].strip() for line in config] == ["forward (streamed)", "backward"]
-    assert all(line.split("|")[6].strip() == "0" for line in config)  # no spills
+    assert "1 with check_inputs=True (the target range check), 0 with check_inputs=False." in out
+    assert "a floor of 1.882 ms at 3.35 TB/s (derived, not a measurement)" in out
+    config = [line.split("|") for line in out.splitlines() if line.startswith("| 128256 |")]
+    assert [r[2].strip() for r in config] == ["forward (streamed)", "backward", "forward + backward at upstream 1"]
+    assert all(r[6].strip() == "0" for r in config[:2])  # no spills
+    total = config[2][8].split("(")[0]
+    assert float(total) <= 45  # the budget for the streamed pair on sm_90a
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the no-GPU mode")
+def test_gpu_check_runs_its_checks_under_the_interpreter(tmp_path):
+    out = run("benchmarks/gpu_check.py", "--out", str(tmp_path))
+    assert "No GPU here: no time was measured, and none is printed." in out
+    assert out.rstrip().endswith("26 passed, 0 failed")
+    import json
+
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["timings"] == [] and all(r["ok"] for r in report["checks"])
+    names = {r["case"] for r in report["checks"]}
+    assert {"streamed, every option", "masked -inf logits", "strided input", "one block, float16"} <= names
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# celib GPU check: no GPU")
 
 
 def test_cpu_benchmark_prints_its_table():

@@ -258,9 +258,10 @@ def test_invalid_targets_raise_or_stay_in_bounds():
         kernels.triton_cross_entropy(x.double(), torch.tensor([0, 1, 1]))
     with pytest.raises(celib.InputError, match="power of two"):
         kernels.triton_cross_entropy(x, torch.tensor([0, 1, 1]), max_block=48)
-    # Unchecked wrong targets: meaningless numbers, but no read or write outside the row (the meter sees none).
+    # Unchecked wrong targets: no read or write outside the row (the meter sees none), and nan for those
+    # rows, never a finite wrong number. The one in-range target's logit is one scalar load (15 + 1).
     report = kernels.traffic(x, torch.tensor([0, 7, -5]), check_inputs=False)
-    assert report.logits_read == 15 and report.grad_written == 15
+    assert report.logits_read == 15 + 1 and report.grad_written == 15
 
 
 def test_backend_dispatch():
@@ -279,19 +280,22 @@ def test_backend_dispatch():
 @pytest.mark.parametrize("target_kind", ["index", "probabilities"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_traffic_one_block_forward_and_backward_at_the_floor(target_kind, reduction):
-    """A row in one block, loss.backward() (upstream 1): 1 read + 1 write per logit, end to end."""
+    """A row in one block, loss.backward() (upstream 1): 1 read + 1 write per logit, end to end, plus
+    one scalar load of the target's logit per row for index targets."""
     x = torch.randn(8, 100)
     t = torch.randint(0, 100, (8,)) if target_kind == "index" else torch.softmax(torch.randn(8, 100), 1)
     report = kernels.traffic(x, t, reduction=reduction)
     assert report.block == 128
-    assert (report.logits_read, report.grad_written) == (800, 800), report.torch_ops
+    target_loads = 8 if target_kind == "index" else 0
+    assert (report.logits_read, report.grad_written) == (800 + target_loads, 800), report.torch_ops
     assert report.torch_ops == ()  # no PyTorch operator touches an N x C tensor
 
 
-def test_traffic_one_block_upstream_not_one_scales_in_place():
+def test_traffic_one_block_upstream_not_one_recomputes_from_the_logits():
     x = torch.randn(8, 100)
     report = kernels.traffic(x, torch.randint(0, 100, (8,)), upstream=0.5)
-    assert report.reads_per_logit == 2.0 and report.writes_per_logit == 2.0  # the in-place scaling pass
+    # forward 1R + 1W (+ the target logits), backward re-reads the logits and writes the gradient once
+    assert (report.logits_read, report.grad_written) == (2 * 800 + 8, 2 * 800)
     assert report.torch_ops == ()
 
 
@@ -302,14 +306,14 @@ def test_traffic_streamed_rows_read_twice_write_once(upstream, reduction):
     report = kernels.traffic(x, torch.randint(0, 1000, (4,)), max_block=128, weight=torch.rand(1000),
                              upstream=upstream, reduction=reduction)
     assert report.block == 128
-    assert report.reads_per_logit == 2.0 and report.writes_per_logit == 1.0, report.torch_ops
+    assert (report.logits_read, report.grad_written) == (2 * 4000 + 4, 4000), report.torch_ops
 
 
 @pytest.mark.parametrize("max_block", [None, 128])
 def test_traffic_forward_only_reads_once(max_block):
     x = torch.randn(4, 1000)
     report = kernels.traffic(x, torch.randint(0, 1000, (4,)), backward=False, max_block=max_block)
-    assert (report.logits_read, report.grad_written) == (4000, 0)
+    assert (report.logits_read, report.grad_written) == (4000 + 4, 0)  # + one target logit per row
 
 
 def test_no_host_synchronisation_without_input_checks():
@@ -331,8 +335,8 @@ def test_meter_sees_pytorch_operators_on_the_logits():
         return x, x.grad
 
     report = measure(run, x, 128)
-    # softmax 1R 1W, kernel 1R 1W (of the probabilities), softmax's backward 2R 1W
-    assert report.reads_per_logit == 4.0 and report.writes_per_logit == 3.0
+    # softmax 1R 1W, kernel 1R 1W (of the probabilities) + 4 target logits, softmax's backward 2R 1W
+    assert (report.logits_read, report.grad_written) == (4 * 400 + 4, 3 * 400)
     assert any("softmax" in op for op, _, _ in report.torch_ops)
 
 

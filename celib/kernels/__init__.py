@@ -200,7 +200,8 @@ def traffic(input: torch.Tensor, target: torch.Tensor, *, backward: bool = True,
     from celib.kernels.meter import measure
 
     x = input.detach().clone().requires_grad_(backward)
-    block = block_size(input.shape[0] if input.dim() == 1 else input.shape[1], max_block or MAX_BLOCK)
+    block = block_size(input.shape[0] if input.dim() == 1 else input.shape[1], max_block or MAX_BLOCK,
+                       probability_target=target.is_floating_point(), softcap=kwargs.get("softcap") is not None)
 
     def run():
         if not backward:

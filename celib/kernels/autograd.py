@@ -1,12 +1,13 @@
 """Autograd for the kernels: an ``autograd.Function`` for eager mode, a ``torch.library`` op for torch.compile.
 
 Eager mode (:class:`CrossEntropyFunction`) moves the least data: for rows that
-fit in one block the forward launch writes the gradient and backward scales it
-in place by the upstream gradient, on the device, moving nothing when that is 1;
-streamed rows get their gradient from the backward kernel (see
-:mod:`celib.kernels.kernel`). A second backward through the same graph
-(``retain_graph=True``) finds the in-place gradient already scaled and
-recomputes it with the backward kernel.
+fit in one block the forward launch writes the gradient at upstream 1, and
+backward reads the upstream gradient on the device, moving nothing where it is
+1 and recomputing the row from the logits elsewhere; streamed rows get their
+gradient from the backward kernel (see :mod:`celib.kernels.kernel`). With
+``inplace_backward`` the logits are overwritten, so an upstream other than 1
+rescales the stored gradient in place instead. A second backward through the
+same graph (``retain_graph=True``) recomputes into a new tensor.
 
 Under ``torch.compile`` the kernels are one opaque op to the compiler,
 ``celib::cross_entropy`` (registered with :func:`torch.library.custom_op`, with
@@ -78,8 +79,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         x, t, weight, stats, grad_scale = ctx.saved_tensors
         ignore_index, label_smoothing, softcap, max_block, in_place, input_shape = ctx.options
         grad, ctx.grad = ctx.grad, None  # the next backward (retain_graph) finds None and recomputes
-        if grad is not None:
-            grad = L.scale_(grad, grad_loss, max_block)  # in place, on the device: no traffic for an upstream of 1
+        if grad is not None and in_place:  # the logits are gone: rescale what forward wrote over them
+            grad = L.scale_(grad, grad_loss, max_block)
+        elif grad is not None:  # rows whose upstream is 1 are done; the others are recomputed, rounded once
+            grad = L.backward(x, t, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, grad_loss,
+                              grad_out=grad, max_block=max_block, skip_unit_upstream=True)
         elif in_place and ctx.used:
             raise RuntimeError("celib cross_entropy with inplace_backward=True: the logits were overwritten by "
                                "the gradient, so backward cannot run a second time (retain_graph).")

@@ -1,22 +1,31 @@
 """The Triton kernels of celib's fused softmax cross-entropy.
 
-One program handles one row (one position's C logits). The forward kernel
-streams the row in blocks of ``BLOCK`` logits keeping a running max ``m`` and a
-rescaled running sum ``d`` of ``exp(z - m)`` (online softmax), plus the sums
-the loss needs; it reads each logit once. What happens to the gradient depends
-on the row's length:
+One program handles one row (one position's C logits). What happens to the
+gradient depends on the row's length:
 
-- The row fits in one block (``SINGLE_BLOCK``): the forward kernel writes the
-  gradient from the values still in registers, scaled as if the upstream
-  gradient were 1. Backward is :func:`scale_kernel`, which multiplies it in
-  place by the upstream gradient, read on the device, and moves no data when
-  that is 1 (the usual ``loss.backward()``). Forward + backward: 1 read and
-  1 write per logit.
-- The row is streamed: the forward kernel writes only the loss and the row's
-  statistics (m, log d, and the gradient's coefficient); :func:`backward_kernel`
-  re-reads the logits and writes the gradient times the upstream gradient.
-  Forward + backward: 2 reads and 1 write per logit, for any upstream gradient
-  (the flash-attention design).
+- The row fits in one block (``SINGLE_BLOCK``): :func:`forward_kernel` loads
+  it once, and writes the loss, the row's statistics and the gradient from the
+  values still in registers, scaled as if the upstream gradient were 1. In
+  backward, :func:`backward_kernel` (``SKIP_UNIT_UPSTREAM``) reads the upstream
+  gradient on the device and does nothing where it is exactly 1 (the usual
+  ``loss.backward()``); elsewhere it recomputes the row's gradient from the
+  logits and the statistics, so the gradient is rounded once. Forward +
+  backward: 1 read and 1 write per logit at upstream 1, 2 reads and 2 writes
+  otherwise.
+- The row is streamed in blocks of ``BLOCK`` logits: the forward kernel keeps
+  a running max ``m`` and a rescaled running sum ``d`` of ``exp(z - m)``
+  (online softmax) and writes only the loss and the statistics (m, log d, and
+  the gradient's coefficient); the backward kernel re-reads the logits and
+  writes the gradient times the upstream gradient. Forward + backward: 2 reads
+  and 1 write per logit, for any upstream gradient (the flash-attention design).
+
+Every option is a compile-time flag (``tl.constexpr``): the plain case (index
+targets, no weights, smoothing, z-loss or soft-capping) carries none of their
+arithmetic. Exponentials are ``exp2((z - m) * log2 e)``: one subtraction (exact
+for z near m), one multiplication and the hardware's ``ex2``, without the
+range fix-up of ``tl.exp``. The target's logit is one scalar load, not a search
+of the row. A launch with contiguous rows specialises the class stride to 1, so
+per-element addresses are 32-bit offsets from one 64-bit row pointer.
 
 Notation (all float32): z logits (soft-capped if asked), lse = m + log d,
 p = exp(z - lse), w class weights, a label smoothing, t the target class.
@@ -25,19 +34,22 @@ Index target:  loss = (1-a) w_t (lse - z_t) + (a/C) sum(w (lse - z)) + z_loss * 
 Probability q: q' = (1-a) q + a/C,  loss = sum(w q' (lse - z)) + z_loss * lse^2,
                grad = p * coef - w q',  coef = sum(w q') + 2 z_loss lse
 With soft-capping the gradient is multiplied by d(cap)/dz = 1 - (z/cap)^2.
+Class weights may be negative (PyTorch accepts them): every term keeps its sign.
 
 Masked logits (-inf, e.g. a padded vocabulary) behave as in PyTorch: they get
-probability 0 and gradient 0; a term of the loss whose factor is positive and
-whose logit is -inf is +inf (a -inf target, or any -inf logit under label
-smoothing), and a term whose factor is 0 is 0 (where PyTorch computes
-0 * inf = nan). A row that is entirely -inf is nan, as in PyTorch. Ignored rows
-get loss 0 and gradient 0. The target's logit is picked up while its block
-streams by, and its weight is loaded only for a valid class, so a wrong target
-cannot make a kernel read out of bounds.
+probability 0 and gradient 0; a term of the loss whose factor is nonzero and
+whose logit is -inf is infinite with the factor's sign (a -inf target, or any
+-inf logit under label smoothing), and a term whose factor is 0 is 0 (where
+PyTorch computes 0 * inf = nan). A row that is entirely -inf is nan, as in
+PyTorch. Ignored rows get loss 0 and gradient 0. A class index outside
+[0, C-1] (only possible with ``check_inputs=False``) is never read through: its
+row's loss and gradient are nan, never a finite wrong number.
 """
 
 import triton
 import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
@@ -46,6 +58,7 @@ def row_offset(row, n_inner, stride_n, stride_s):
 
     Triton passes integer arguments below 2**31 as 32-bit, so without the cast
     ``n * stride_n`` wraps around once N * C reaches 2**31 (e.g. 32768 tokens x 128256 classes).
+    A launch with S = 1 specialises ``n_inner`` to the constant 1, and the division folds away.
     """
     row = row.to(tl.int64)
     return (row // n_inner) * stride_n + (row % n_inner) * stride_s
@@ -53,59 +66,121 @@ def row_offset(row, n_inner, stride_n, stride_s):
 
 @triton.jit
 def _softcap(z, softcap):
-    """softcap * tanh(z / softcap), written with exp (tanh(x) = 1 - 2 / (exp(2x) + 1)); -inf -> -softcap."""
-    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+    """softcap * tanh(z / softcap), written with exp2 (tanh(x) = 1 - 2 / (exp(2x) + 1)); -inf -> -softcap."""
+    return softcap * (1.0 - 2.0 / (tl.exp2((z / softcap) * (2.0 * LOG2E)) + 1.0))
 
 
 @triton.jit
 def _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing, softcap,
-                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """One block of a row: logits z in float32 (-inf past the row's end) and per-class factors w
-    (the class weights, times the smoothed target q' for probability targets; 0 past the end)."""
+                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """One block of a row: logits z in float32 (-inf past the row's end) and the per-class factors
+    w that multiply (lse - z) in the loss, without the target's own term: the class weights times the
+    smoothed probability target, or times a/C under label smoothing (0 past the end; 0 everywhere
+    when neither applies, and then never computed)."""
     z = tl.load(x_row + offs * stride_lc, mask=mask, other=-float("inf")).to(tl.float32)
     if HAS_SOFTCAP:
         z = tl.where(mask, _softcap(z, softcap), -float("inf"))
-    w = tl.full([BLOCK], 1.0, tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if PROB_TARGET:
-        q = tl.load(q_row + offs * stride_tc, mask=mask, other=0.0).to(tl.float32)
-        w = w * ((1.0 - smoothing) * q + smoothing / n_cols)
-    return z, tl.where(mask, w, 0.0)
+    w = tl.zeros([BLOCK], tl.float32)
+    if PROB_TARGET or HAS_SMOOTHING:
+        w = tl.full([BLOCK], 1.0, tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PROB_TARGET:
+            q = tl.load(q_row + offs * stride_tc, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SMOOTHING:
+                q = (1.0 - smoothing) * q + smoothing / n_cols
+            w = w * q
+        else:
+            w = w * (smoothing / n_cols)
+        w = tl.where(mask, w, 0.0)
+    return z, w
 
 
 @triton.jit
-def _target(target_ptr, weight_ptr, row, stride_tn, ignore_index, n_cols,
-            PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    """(target class, kept, w_t) of an index-target row; (-1, True, 0) for probability targets."""
+def _target(x_row, target_ptr, weight_ptr, row, stride_tn, stride_lc, ignore_index, n_cols, smoothing, softcap,
+            PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+            HAS_SOFTCAP: tl.constexpr):
+    """(target class, kept, valid, z_t, c_t) of a row: c_t = (1 - a) w_t is the factor of the target's own
+    term; z_t its logit, one scalar load, done only for a class inside the row. ``valid`` is False for a
+    kept index outside [0, C-1]. Probability targets: (-1, True, True, 0, 0)."""
     if PROB_TARGET:
         target = -1
         kept = True
-        w_t = 0.0
+        valid = True
+        z_t = 0.0
+        c_t = 0.0
     else:
-        target = tl.load(target_ptr + row * stride_tn).to(tl.int64)
-        kept = target != ignore_index
-        in_range = (target >= 0) & (target < n_cols)  # never read outside the row, whatever the target
-        w_t = 1.0
+        t64 = tl.load(target_ptr + row * stride_tn).to(tl.int64)
+        kept = t64 != ignore_index
+        valid = (t64 >= 0) & (t64 < n_cols)  # never read outside the row, whatever the target
+        target = t64.to(tl.int32)  # compared with 32-bit column offsets
+        z_t = tl.load(x_row + target * stride_lc, mask=valid & kept, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z_t = _softcap(z_t, softcap)
+        c_t = 1.0
         if HAS_WEIGHT:
-            w_t = tl.load(weight_ptr + target, mask=in_range & kept, other=0.0).to(tl.float32)
-    return target, kept, w_t
+            c_t = tl.load(weight_ptr + target, mask=valid & kept, other=0.0).to(tl.float32)
+        if HAS_SMOOTHING:
+            c_t = (1.0 - smoothing) * c_t
+        valid = valid | ~kept
+    return target, kept, valid, z_t, c_t
 
 
 @triton.jit
-def _grad_block(z, w, offs, mask, m, log_d, coef, target, w_t, smoothing, n_cols, softcap, scale,
-                PROB_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """The gradient of one block: scale * (coef * p - target mass), times the soft-cap's derivative."""
-    p = tl.exp((z - m) - log_d)  # 0 for a -inf logit
+def _sums(z, w, m):
+    """sum of w (z - m) over finite z, and the counts of -inf logits with w > 0 and w < 0."""
+    finite = z > -float("inf")
+    sum_wz = tl.sum(tl.where(finite, w * (z - m), 0.0), axis=0)
+    n_pos = tl.sum(tl.where(~finite & (w > 0), 1.0, 0.0), axis=0)
+    n_neg = tl.sum(tl.where(~finite & (w < 0), 1.0, 0.0), axis=0)
+    return sum_wz, n_pos, n_neg
+
+
+@triton.jit
+def _loss(m, log_d, z_t, c_t, sum_w, sum_wz, n_pos, n_neg, z_loss, kept, valid,
+          PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
+    """(loss, coef, lse) of a row from its statistics; sum_wz = sum w (z - m) over finite z."""
+    lse = m + log_d
     if PROB_TARGET:
-        g = coef * p - w
+        loss = 0.0
+        coef = 0.0
     else:
-        g = coef * p - smoothing / n_cols * w
-        g -= tl.where(offs == target, (1.0 - smoothing) * w_t, 0.0)  # p - 1 formed in float32
+        loss = tl.where(c_t != 0, c_t * ((m - z_t) + log_d), 0.0)  # a zero factor times inf is 0
+        coef = c_t
+    if PROB_TARGET or HAS_SMOOTHING:
+        # sum_c w_c (lse - z_c) = sum(w) log d - sum w (z - m): no large |z| is subtracted from another
+        weighted = sum_w * log_d - sum_wz
+        inf = float("inf")
+        weighted = tl.where(n_pos > 0, tl.where(n_neg > 0, float("nan"), inf), tl.where(n_neg > 0, -inf, weighted))
+        loss += weighted
+        coef += sum_w
+    if HAS_Z_LOSS:
+        loss += z_loss * lse * lse
+        coef += 2.0 * z_loss * lse
+    loss = tl.where(valid, loss, float("nan"))  # a class index outside the row: nan, never a finite number
+    coef = tl.where(valid, coef, float("nan"))
+    return tl.where(kept, loss, 0.0), tl.where(kept, coef, 0.0), lse
+
+
+@triton.jit
+def _gradient(e, z, w, offs, mask, k, target, c_t, scale, softcap, HAS_MASS: tl.constexpr,
+              PROB_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """scale (k e - w - c_t [c = t]), times the soft-cap's derivative, where k e = coef p: k = coef / d with
+    e = exp(z - m), or k = coef with e = p. Without per-class factors (``HAS_MASS`` off) the scale is folded
+    into the row's two scalars, so each element costs one multiplication and the target's select."""
+    if HAS_MASS:
+        g = e * k - w
+        if not PROB_TARGET:
+            g = tl.where(offs == target, g - c_t, g)  # p - 1 formed in float32
+        g = g * scale
+    else:
+        g = e * (k * scale)
+        g = tl.where(offs == target, g - c_t * scale, g)
     if HAS_SOFTCAP:
         t = tl.where(mask, z, 0.0) / softcap
         g *= 1.0 - t * t  # d(softcap * tanh(x / softcap)) / dx
-    return g * scale
+    return g
 
 
 @triton.jit
@@ -114,95 +189,82 @@ def forward_kernel(
     logits_ptr, stride_ln, stride_ls, stride_lc,
     # index targets (N*S,) or probabilities (N, S, C)
     target_ptr, stride_tn, stride_ts, stride_tc,
-    weight_ptr,  # (C,) class weights, read only if HAS_WEIGHT
-    # gradient (SINGLE_BLOCK only), may alias the logits
+    weight_ptr,  # (C,) float32 class weights, read only if HAS_WEIGHT
+    # gradient (SINGLE_BLOCK and COMPUTE_GRAD only), may alias the logits
     grad_ptr, stride_gn, stride_gs, stride_gc,
     # (N*S,) float32 loss and lse; (3, N*S) float32 m, log d, coef
     loss_ptr, lse_ptr, stats_ptr,
     grad_scale_ptr,  # () float32: 1 / the mean's denominator, or 1
     n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
-    # 64-bit from here on: row * stride never overflows
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
     q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
     cols = tl.arange(0, BLOCK)
-    target, kept, w_t = _target(target_ptr, weight_ptr, row, stride_tn,
-                                ignore_index, n_cols, PROB_TARGET,
-                                HAS_WEIGHT)
-
-    m = -float("inf")  # running max
-    d = 0.0  # running sum of exp(z - m)
-    # r: a reference, the first finite block max; sums of w (z - r) lose
-    # nothing to large |z|
-    r = -float("inf")
-    sum_wz = 0.0  # sum of w_c (z_c - r) over finite z_c with w_c > 0
-    # count of -inf logits with w_c > 0: each makes the smoothing term +inf
-    n_inf = 0.0
-    sum_w = 0.0  # sum_c w_c
-    z_t = 0.0  # the target's logit, picked up when its block goes by
-    # defined before the loop so that, for a single block, the gradient can
-    # reuse them after it
-    z = tl.full([BLOCK], -float("inf"), tl.float32)
-    w = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        offs = start + cols
-        mask = offs < n_cols
-        z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc,
-                           stride_tc, n_cols, smoothing, softcap,
-                           PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, BLOCK)
-        block_max = tl.max(z, axis=0)
-        m_new = tl.maximum(m, block_max)
-        # no (-inf) - (-inf) while everything so far is -inf
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        d = d * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
-        m = m_new
-        r = tl.where(r == -float("inf"), block_max, r)
-        finite = (w > 0) & (z > -float("inf"))
-        sum_wz += tl.sum(tl.where(finite, w * (z - r), 0.0), axis=0)
-        masked = (w > 0) & (z == -float("inf"))
-        n_inf += tl.sum(tl.where(masked, 1.0, 0.0), axis=0)
-        sum_w += tl.sum(w, axis=0)
-        if not PROB_TARGET:
-            z_t += tl.sum(tl.where(offs == target, z, 0.0), axis=0)
-    log_d = tl.log(d)
-    lse = m + log_d
-    # sum_c w_c (lse - z_c), so that no large |z| is subtracted from
-    # another; +inf if any weighted logit is -inf
-    weighted = sum_w * ((m - r) + log_d) - sum_wz
-    weighted = tl.where(n_inf > 0, float("inf"), weighted)
-
-    if PROB_TARGET:
-        loss = weighted
-        coef = sum_w
+    target, kept, valid, z_t, c_t = _target(x_row, target_ptr, weight_ptr, row, stride_tn, stride_lc, ignore_index,
+                                            n_cols, smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
+                                            HAS_SOFTCAP)
+    sum_w = 0.0
+    sum_wz = 0.0  # sum of w_c (z_c - m) over finite z_c
+    n_pos = 0.0  # counts of -inf logits with w_c > 0 and w_c < 0: their terms are +-inf
+    n_neg = 0.0
+    if SINGLE_BLOCK:
+        mask = cols < n_cols
+        z, w = _load_block(x_row, q_row, weight_ptr, cols, mask, stride_lc, stride_tc, n_cols, smoothing, softcap,
+                           PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+        m = tl.max(z, axis=0)
+        shift = tl.where(m == -float("inf"), 0.0, m)  # no (-inf) - (-inf) in a row of -inf
+        e = tl.exp2((z - shift) * LOG2E)
+        d = tl.sum(e, axis=0)
+        if PROB_TARGET or HAS_SMOOTHING:
+            sum_w = tl.sum(w, axis=0)
+            sum_wz, n_pos, n_neg = _sums(z, w, shift)
+        log_d = tl.log(d)
+        loss, coef, lse = _loss(shift, log_d, z_t, c_t, sum_w, sum_wz, n_pos, n_neg, z_loss, kept, valid,
+                                PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
+        m = shift
     else:
-        c_t = (1.0 - smoothing) * w_t
-        # a zero factor times inf is 0
-        loss = tl.where(c_t > 0, c_t * ((m - z_t) + log_d), 0.0)
-        loss += tl.where(smoothing > 0, smoothing / n_cols * weighted, 0.0)
-        coef = c_t + smoothing / n_cols * sum_w
-    loss += tl.where(z_loss > 0, z_loss * lse * lse, 0.0)
-    coef += 2.0 * z_loss * lse
-    tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
+        m = -float("inf")  # running max
+        d = 0.0  # running sum of exp(z - m)
+        r = -float("inf")  # a reference, the first finite block max: sums of w (z - r) lose nothing to large |z|
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing,
+                               softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+            block_max = tl.max(z, axis=0)
+            m_new = tl.maximum(m, block_max)
+            shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+            d = d * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((z - shift) * LOG2E), axis=0)
+            m = m_new
+            if PROB_TARGET or HAS_SMOOTHING:
+                r = tl.where(r == -float("inf"), block_max, r)
+                block_wz, block_pos, block_neg = _sums(z, w, tl.where(r == -float("inf"), 0.0, r))
+                sum_wz += block_wz
+                n_pos += block_pos
+                n_neg += block_neg
+                sum_w += tl.sum(w, axis=0)
+        m = tl.where(m == -float("inf"), 0.0, m)
+        log_d = tl.log(d)
+        if PROB_TARGET or HAS_SMOOTHING:
+            sum_wz -= sum_w * (m - tl.where(r == -float("inf"), 0.0, r))  # sum w (z - m) from sum w (z - r)
+        loss, coef, lse = _loss(m, log_d, z_t, c_t, sum_w, sum_wz, n_pos, n_neg, z_loss, kept, valid,
+                                PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
+    tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
     tl.store(stats_ptr + n_rows + row, log_d)
-    tl.store(stats_ptr + 2 * n_rows + row, tl.where(kept, coef, 0.0))
+    tl.store(stats_ptr + 2 * n_rows + row, coef)
 
-    # the gradient, from the block still in registers
-    if COMPUTE_GRAD and SINGLE_BLOCK:
-        scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)
-        g = _grad_block(z, w, cols, cols < n_cols, m, log_d, coef, target,
-                        w_t, smoothing, n_cols, softcap, scale, PROB_TARGET,
-                        HAS_SOFTCAP)
-        # an ignored row gets 0, even if its logits are all -inf
-        g = tl.where(kept, g, 0.0)
+    if COMPUTE_GRAD and SINGLE_BLOCK:  # the gradient, from the block still in registers
+        scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)  # an ignored row gets 0, even if all -inf
+        g = _gradient(e, z, w, cols, mask, coef / d, target, c_t, scale, softcap, PROB_TARGET or HAS_SMOOTHING,
+                      PROB_TARGET, HAS_SOFTCAP)
         g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
-        g_out = g.to(grad_ptr.dtype.element_ty)
-        tl.store(g_row + cols * stride_gc, g_out, mask=cols < n_cols)
+        tl.store(g_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -213,47 +275,70 @@ def backward_kernel(
     grad_ptr, stride_gn, stride_gs, stride_gc,  # the gradient, written (may alias the logits)
     stats_ptr,  # (3, N*S) float32 from the forward kernel: m, log d, coef (0 for ignored rows)
     grad_scale_ptr,  # () float32: 1 / the mean's denominator, or 1
-    upstream_ptr, stride_up,  # the upstream gradient: one value per row, or stride 0 for a scalar
+    upstream_ptr, stride_un, stride_us,  # the upstream gradient as (N, S); strides 0 for a scalar
     n_rows, n_inner, n_cols, ignore_index, smoothing, softcap,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    SKIP_UNIT_UPSTREAM: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The gradient of a streamed row: re-reads its logits once, writes scale * upstream * dloss/dz."""
+    """Writes scale * upstream * dloss/dz of a row, re-reading its logits once.
+
+    With ``SKIP_UNIT_UPSTREAM`` (rows whose gradient the forward kernel already wrote at upstream 1), a row
+    whose upstream gradient is exactly 1 is left alone: no load, no store.
+    """
     row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
-    q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
-    g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
-    cols = tl.arange(0, BLOCK)
-    target, kept, w_t = _target(target_ptr, weight_ptr, row, stride_tn, ignore_index, n_cols,
-                                PROB_TARGET, HAS_WEIGHT)
-    m = tl.load(stats_ptr + row)
-    log_d = tl.load(stats_ptr + n_rows + row)
-    coef = tl.load(stats_ptr + 2 * n_rows + row)
-    scale = tl.where(kept, tl.load(grad_scale_ptr) * tl.load(upstream_ptr + row * stride_up).to(tl.float32), 0.0)
-    for start in range(0, n_cols, BLOCK):
-        offs = start + cols
-        mask = offs < n_cols
-        z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing, softcap,
-                           PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, BLOCK)
-        g = _grad_block(z, w, offs, mask, m, log_d, coef, target, w_t, smoothing, n_cols, softcap, scale,
-                        PROB_TARGET, HAS_SOFTCAP)
-        g = tl.where(kept, g, 0.0)
-        tl.store(g_row + offs * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    up = tl.load(upstream_ptr + row_offset(row, n_inner, stride_un, stride_us)).to(tl.float32)
+    run = True
+    if SKIP_UNIT_UPSTREAM:
+        run = up != 1.0
+    if run:
+        x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
+        q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
+        g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
+        cols = tl.arange(0, BLOCK)
+        if PROB_TARGET:
+            target = -1
+            kept = True
+            c_t = 0.0
+        else:
+            t64 = tl.load(target_ptr + row * stride_tn).to(tl.int64)
+            kept = t64 != ignore_index
+            target = t64.to(tl.int32)
+            c_t = 1.0
+            if HAS_WEIGHT:
+                valid = (t64 >= 0) & (t64 < n_cols)
+                c_t = tl.load(weight_ptr + target, mask=valid & kept, other=0.0).to(tl.float32)
+            if HAS_SMOOTHING:
+                c_t = (1.0 - smoothing) * c_t
+        m = tl.load(stats_ptr + row)
+        log2_d = tl.load(stats_ptr + n_rows + row) * LOG2E
+        scale = tl.where(kept, tl.load(grad_scale_ptr) * up, 0.0)
+        coef = tl.load(stats_ptr + 2 * n_rows + row)
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing,
+                               softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+            p = tl.exp2((z - m) * LOG2E - log2_d)  # 0 for a -inf logit
+            g = _gradient(p, z, w, offs, mask, coef, target, c_t, scale, softcap, PROB_TARGET or HAS_SMOOTHING,
+                          PROB_TARGET, HAS_SOFTCAP)
+            tl.store(g_row + offs * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def scale_kernel(grad_ptr, stride_gn, stride_gs, stride_gc, upstream_ptr, stride_up, n_inner, n_cols,
+def scale_kernel(grad_ptr, stride_gn, stride_gs, stride_gc, upstream_ptr, stride_un, stride_us, n_inner, n_cols,
                  BLOCK: tl.constexpr):
-    """grad[row] *= upstream[row] in place, for a row whose gradient the forward kernel wrote.
+    """grad[row] *= upstream[row] in place, for ``inplace_backward`` (the logits are gone, so the gradient the
+    forward kernel wrote over them is rescaled: a second rounding in half precision).
 
-    The upstream value is read on the device; where it is exactly 1 every load and store is masked
-    off, so the usual ``loss.backward()`` moves no gradient data at all.
+    The upstream value is read on the device; where it is exactly 1 nothing is loaded or stored.
     """
     row = tl.program_id(0).to(tl.int64)
-    g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
-    up = tl.load(upstream_ptr + row * stride_up).to(tl.float32)
-    cols = tl.arange(0, BLOCK)
-    for start in range(0, n_cols, BLOCK):
-        offs = start + cols
-        mask = (offs < n_cols) & (tl.full([BLOCK], 1.0, tl.float32) * up != 1.0)
-        g = tl.load(g_row + offs * stride_gc, mask=mask, other=0.0).to(tl.float32)
-        tl.store(g_row + offs * stride_gc, (g * up).to(grad_ptr.dtype.element_ty), mask=mask)
+    up = tl.load(upstream_ptr + row_offset(row, n_inner, stride_un, stride_us)).to(tl.float32)
+    if up != 1.0:
+        g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
+        cols = tl.arange(0, BLOCK)
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            g = tl.load(g_row + offs * stride_gc, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_row + offs * stride_gc, (g * up).to(grad_ptr.dtype.element_ty), mask=mask)

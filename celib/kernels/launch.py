@@ -12,22 +12,32 @@ import torch
 from celib.errors import InputError
 
 #: Largest block of logits one program holds; longer rows are streamed in blocks of this size.
-#: Rows up to this length are read once (forward + backward), longer ones twice. 8192 is the largest
-#: block that compiles without spilling registers on sm_80, sm_90a and sm_100a for every feature set:
-#: at 16384 a program must hold 16 or more float32 values per thread for z alone, and ptxas spills
-#: (64 to 560 bytes per thread at 16 or 32 warps; see ``python -m celib.kernels.compile``).
-MAX_BLOCK = 8192
+#: Rows up to this length are read once (forward + backward), longer ones twice. Compiled as a launch
+#: specialises them (``python -m celib.kernels.compile``), one-block rows of 16384 bf16 logits take 54-60
+#: registers per thread at 16 warps on sm_80, sm_90a and sm_100a, with no spill; see :func:`max_block_for`
+#: for the options that need more.
+MAX_BLOCK = 16384
+#: The largest one-block row when probability targets or soft-capping are on (more values live per logit).
+MAX_BLOCK_HEAVY = 8192
+
+
+def max_block_for(probability_target: bool, softcap: bool) -> int:
+    """The largest block for a call: :data:`MAX_BLOCK`, or :data:`MAX_BLOCK_HEAVY` with probability
+    targets or soft-capping, whose one-block rows of 16384 spill on some GPUs (the compile table)."""
+    return MAX_BLOCK_HEAVY if probability_target or softcap else MAX_BLOCK
 
 
 def num_warps(block: int) -> int:
-    """Warps per program for a block of ``block`` logits: 4 up to 2048, then one warp per 512 logits
-    (16 values of a row per thread; 8192 -> 16 warps).
+    """Warps per program for a block of ``block`` logits: one per 1024 logits, at least 4 and at most 16
+    (2048 and 4096: 4; 8192: 8; 16384: 16; so 16 or 32 values of a row per thread).
 
-    Checked by compiling every configuration for sm_80, sm_90a and sm_100a and reading ptxas's
-    register report (``tests/test_gpu_compile.py``): none spills. With 4 warps a block of 4096 needed
-    225-255 registers per thread (8 warps per SM); with 32 warps ptxas caps a thread at 64 registers.
+    Chosen from the compile table (``tests/test_gpu_compile.py`` checks every launch for sm_80, sm_90a
+    and sm_100a): more warps shorten the block reductions per thread but spend more instructions per
+    logit on them (one-block bf16 forward on sm_90a at 16384: 8 warps 16.0 instructions per logit and
+    105 registers, 16 warps 17.9 and 56, 32 warps 23.4 and 32); fewer warps hold more values per thread,
+    and with every option on 8 warps at 16384 spill.
     """
-    return max(4, min(16, block // 512))
+    return max(4, min(16, block // 1024))
 
 
 @lru_cache(maxsize=None)
@@ -51,9 +61,11 @@ def interpreted() -> bool:
     return isinstance(kernel.forward_kernel, InterpretedFunction)
 
 
-def block_size(num_classes: int, max_block: int = MAX_BLOCK) -> int:
-    """Power-of-two block: the whole row if it fits in ``max_block``, else ``max_block``."""
-    return min(triton_next_power_of_2(num_classes), max_block)
+def block_size(num_classes: int, max_block: int = MAX_BLOCK, *, probability_target: bool = False,
+               softcap: bool = False) -> int:
+    """Power-of-two block: the whole row if it fits in ``max_block`` (capped by :func:`max_block_for`
+    for the call's options), else that cap."""
+    return min(triton_next_power_of_2(num_classes), max_block, max_block_for(probability_target, softcap))
 
 
 def triton_next_power_of_2(n: int) -> int:
@@ -106,6 +118,67 @@ class Forward:
     grad: torch.Tensor | None
 
 
+@dataclass
+class Launch:
+    """One kernel launch, planned: which kernel, its grid, its arguments and compile-time flags.
+
+    :mod:`celib.kernels.compile` compiles exactly these (with the specialisation Triton's JIT applies
+    to the arguments) to read the resources a real launch uses.
+    """
+
+    kernel: str
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict
+    num_warps: int
+
+    def run(self, device: torch.device) -> None:
+        if self.grid[0]:
+            with _quiet(device):
+                fn = getattr(_kernels(), self.kernel)
+                fn[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+def _flags(target, weight, label_smoothing, softcap) -> dict:
+    return dict(PROB_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None,
+                HAS_SMOOTHING=float(label_smoothing) != 0.0, HAS_SOFTCAP=softcap is not None)
+
+
+def _weight(weight: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    return weight.float().contiguous() if weight is not None else dummy  # a dummy pointer when unused
+
+
+def _upstream_strides(upstream: torch.Tensor, n: int, s: int) -> tuple[torch.Tensor, int, int]:
+    """The upstream gradient as (N, S) with its real strides: (0, 0) for a scalar (``mean``, ``sum``, or an
+    expanded one as ``loss.sum().backward()`` sends), no copy unless its layout cannot be viewed so."""
+    if upstream.dim() == 0:
+        return upstream, 0, 0
+    up = upstream.reshape(n, s)
+    return up, up.stride(0), up.stride(1)
+
+
+def plan_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, compute_grad,
+                 grad_out=None, max_block=MAX_BLOCK) -> tuple[Launch, Forward]:
+    """The forward launch and the tensors it writes (see :func:`forward`), without running it."""
+    n, c, s = logits.shape
+    rows, device = n * s, logits.device
+    block = block_size(c, max_block, probability_target=target.is_floating_point(), softcap=softcap is not None)
+    single = block >= c
+    loss = torch.empty(rows, dtype=torch.float32, device=device)
+    lse = torch.empty(rows, dtype=torch.float32, device=device)
+    stats = torch.empty(3, rows, dtype=torch.float32, device=device)
+    grad = None
+    if compute_grad and single:
+        grad = grad_out if grad_out is not None else torch.empty((n, c, s), dtype=logits.dtype, device=device)
+    g = grad if grad is not None else logits  # never written without the gradient
+    args = (logits, *_strides(logits), target, *_target_strides(target), _weight(weight, loss), g, *_strides(g),
+            loss, lse, stats, grad_scale,
+            rows, s, c, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0))
+    flags = dict(_flags(target, weight, label_smoothing, softcap), HAS_Z_LOSS=float(z_loss) != 0.0,
+                 COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single)
+    return Launch("forward_kernel", (rows,), args, flags, num_warps(block)), Forward(loss, lse, stats, grad)
+
+
 def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, compute_grad,
             grad_out=None, max_block=MAX_BLOCK) -> Forward:
     """Run the forward kernel over every row.
@@ -117,63 +190,51 @@ def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softc
         compute_grad: write the gradient now, if the row fits in one block (else backward does).
         grad_out: where to write it ((N, C, S), e.g. the logits themselves); a new tensor if None.
     """
-    n, c, s = logits.shape
-    rows, device = n * s, logits.device
     _check_device(logits)
-    block = block_size(c, max_block)
-    single = block >= c
-    loss = torch.empty(rows, dtype=torch.float32, device=device)
-    lse = torch.empty(rows, dtype=torch.float32, device=device)
-    stats = torch.empty(3, rows, dtype=torch.float32, device=device)
-    grad = None
-    if compute_grad and single:
-        grad = grad_out if grad_out is not None else torch.empty((n, c, s), dtype=logits.dtype, device=device)
-    g = grad if grad is not None else logits  # never written without the gradient
-    w = weight.float().contiguous() if weight is not None else loss  # a dummy pointer when unused
-    if rows:
-        launch_forward = _kernels().forward_kernel[(rows,)]
-        with _quiet(device):
-            launch_forward(
-                logits, *_strides(logits), target, *_target_strides(target), w, g, *_strides(g),
-                loss, lse, stats, grad_scale,
-                rows, s, c, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
-                PROB_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None,
-                HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single,
-                num_warps=num_warps(block),
-            )
-    return Forward(loss, lse, stats, grad)
+    launch, out = plan_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale,
+                               compute_grad, grad_out, max_block)
+    launch.run(logits.device)
+    return out
+
+
+def plan_backward(logits, target, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, upstream,
+                  grad_out=None, max_block=MAX_BLOCK, skip_unit_upstream=False) -> tuple[Launch, torch.Tensor]:
+    """The backward launch and the gradient it writes (see :func:`backward`), without running it."""
+    n, c, s = logits.shape
+    grad = grad_out if grad_out is not None else torch.empty((n, c, s), dtype=logits.dtype, device=logits.device)
+    up, stride_un, stride_us = _upstream_strides(upstream, n, s)
+    block = block_size(c, max_block, probability_target=target.is_floating_point(), softcap=softcap is not None)
+    args = (logits, *_strides(logits), target, *_target_strides(target), _weight(weight, stats), grad,
+            *_strides(grad), stats, grad_scale, up, stride_un, stride_us,
+            n * s, s, c, ignore_index, float(label_smoothing), float(softcap or 1.0))
+    flags = dict(_flags(target, weight, label_smoothing, softcap), SKIP_UNIT_UPSTREAM=skip_unit_upstream,
+                 BLOCK=block)
+    return Launch("backward_kernel", (n * s,), args, flags, num_warps(block)), grad
 
 
 def backward(logits, target, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, upstream,
-             grad_out=None, max_block=MAX_BLOCK) -> torch.Tensor:
-    """The gradient of streamed rows: re-read the logits, write grad_scale * upstream * dloss/dz.
+             grad_out=None, max_block=MAX_BLOCK, skip_unit_upstream=False) -> torch.Tensor:
+    """The gradient from the logits and the forward kernel's statistics: grad_scale * upstream * dloss/dz.
 
-    ``upstream`` is a () tensor (mean, sum) or one value per row ((N*S,), reduction="none").
+    ``upstream`` is a () tensor (mean, sum) or of the batch shape (reduction="none"), any strides (an
+    expanded, stride-0 one included). With ``skip_unit_upstream`` (``grad_out`` holds the gradient the
+    forward kernel wrote at upstream 1), rows whose upstream gradient is exactly 1 are left as they are:
+    the usual ``loss.backward()`` then moves no data.
     """
-    n, c, s = logits.shape
-    rows = n * s
-    grad = grad_out if grad_out is not None else torch.empty((n, c, s), dtype=logits.dtype, device=logits.device)
-    w = weight.float().contiguous() if weight is not None else stats
-    up = upstream.reshape(-1) if upstream.dim() else upstream.reshape(1)
-    if rows:
-        block = block_size(c, max_block)
-        with _quiet(logits.device):
-            _kernels().backward_kernel[(rows,)](
-                logits, *_strides(logits), target, *_target_strides(target), w, grad, *_strides(grad),
-                stats, grad_scale, up, 1 if upstream.dim() else 0,
-                rows, s, c, ignore_index, float(label_smoothing), float(softcap or 1.0),
-                PROB_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None,
-                HAS_SOFTCAP=softcap is not None, BLOCK=block, num_warps=num_warps(block),
-            )
+    launch, grad = plan_backward(logits, target, weight, ignore_index, label_smoothing, softcap, stats, grad_scale,
+                                 upstream, grad_out, max_block, skip_unit_upstream)
+    launch.run(logits.device)
     return grad
 
 
 def scale_(grad: torch.Tensor, upstream: torch.Tensor, max_block=MAX_BLOCK) -> torch.Tensor:
-    """grad (N, C, S) *= upstream (() or (N*S,)) in place, on the device; no traffic where upstream is 1."""
+    """grad (N, C, S) *= upstream (() or the batch shape, any strides) in place; nothing moves where it is 1.
+
+    Only for ``inplace_backward``, where the logits are gone: the gradient is rounded a second time.
+    """
     n, c, s = grad.shape
-    up = upstream.reshape(-1) if upstream.dim() else upstream.reshape(1)
-    if n * s:
-        block = block_size(c, max_block)
-        _kernels().scale_kernel[(n * s,)](grad, *_strides(grad), up, 1 if upstream.dim() else 0, s, c,
-                                          BLOCK=block, num_warps=num_warps(block))
+    up, stride_un, stride_us = _upstream_strides(upstream, n, s)
+    block = block_size(c, max_block)
+    Launch("scale_kernel", (n * s,), (grad, *_strides(grad), up, stride_un, stride_us, s, c), dict(BLOCK=block),
+           num_warps(block)).run(grad.device)
     return grad
