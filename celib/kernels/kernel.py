@@ -196,75 +196,92 @@ def forward_kernel(
     loss_ptr, lse_ptr, stats_ptr,
     grad_scale_ptr,  # () float32: 1 / the mean's denominator, or 1
     n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    # the options, each a compile-time flag
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
+    # 64-bit from here on: row * stride never overflows
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
     q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
     cols = tl.arange(0, BLOCK)
-    target, kept, valid, z_t, c_t = _target(x_row, target_ptr, weight_ptr, row, stride_tn, stride_lc, ignore_index,
-                                            n_cols, smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
-                                            HAS_SOFTCAP)
+    target, kept, valid, z_t, c_t = _target(
+        x_row, target_ptr, weight_ptr, row, stride_tn, stride_lc,
+        ignore_index, n_cols, smoothing, softcap,
+        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+    # sums over the per-class factors w, only with probability
+    # targets or smoothing: sum w, sum w (z - m) over finite z, and
+    # the counts of -inf logits with w > 0 and w < 0 (terms of +-inf)
+    SUMS: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
     sum_w = 0.0
-    sum_wz = 0.0  # sum of w_c (z_c - m) over finite z_c
-    n_pos = 0.0  # counts of -inf logits with w_c > 0 and w_c < 0: their terms are +-inf
+    sum_wz = 0.0
+    n_pos = 0.0
     n_neg = 0.0
     if SINGLE_BLOCK:
         mask = cols < n_cols
-        z, w = _load_block(x_row, q_row, weight_ptr, cols, mask, stride_lc, stride_tc, n_cols, smoothing, softcap,
-                           PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+        z, w = _load_block(x_row, q_row, weight_ptr, cols, mask,
+                           stride_lc, stride_tc, n_cols, smoothing,
+                           softcap, PROB_TARGET, HAS_WEIGHT,
+                           HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
         m = tl.max(z, axis=0)
-        shift = tl.where(m == -float("inf"), 0.0, m)  # no (-inf) - (-inf) in a row of -inf
-        e = tl.exp2((z - shift) * LOG2E)
+        # no (-inf) - (-inf) in a row of -inf
+        m = tl.where(m == -float("inf"), 0.0, m)
+        e = tl.exp2((z - m) * LOG2E)  # exp(z - m), kept for the gradient
         d = tl.sum(e, axis=0)
-        if PROB_TARGET or HAS_SMOOTHING:
+        if SUMS:
             sum_w = tl.sum(w, axis=0)
-            sum_wz, n_pos, n_neg = _sums(z, w, shift)
-        log_d = tl.log(d)
-        loss, coef, lse = _loss(shift, log_d, z_t, c_t, sum_w, sum_wz, n_pos, n_neg, z_loss, kept, valid,
-                                PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
-        m = shift
+            sum_wz, n_pos, n_neg = _sums(z, w, m)
     else:
         m = -float("inf")  # running max
         d = 0.0  # running sum of exp(z - m)
-        r = -float("inf")  # a reference, the first finite block max: sums of w (z - r) lose nothing to large |z|
+        # r: a reference, the first finite block max; sums of w (z - r)
+        # lose nothing to large |z|
+        r = -float("inf")
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
-            z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing,
-                               softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+            z, w = _load_block(x_row, q_row, weight_ptr, offs, mask,
+                               stride_lc, stride_tc, n_cols, smoothing,
+                               softcap, PROB_TARGET, HAS_WEIGHT,
+                               HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
             block_max = tl.max(z, axis=0)
             m_new = tl.maximum(m, block_max)
             shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-            d = d * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((z - shift) * LOG2E), axis=0)
+            d = d * tl.exp2((m - shift) * LOG2E) + tl.sum(
+                tl.exp2((z - shift) * LOG2E), axis=0)
             m = m_new
-            if PROB_TARGET or HAS_SMOOTHING:
+            if SUMS:
                 r = tl.where(r == -float("inf"), block_max, r)
-                block_wz, block_pos, block_neg = _sums(z, w, tl.where(r == -float("inf"), 0.0, r))
-                sum_wz += block_wz
-                n_pos += block_pos
-                n_neg += block_neg
+                r0 = tl.where(r == -float("inf"), 0.0, r)
+                b_wz, b_pos, b_neg = _sums(z, w, r0)
+                sum_wz += b_wz
+                n_pos += b_pos
+                n_neg += b_neg
                 sum_w += tl.sum(w, axis=0)
         m = tl.where(m == -float("inf"), 0.0, m)
-        log_d = tl.log(d)
-        if PROB_TARGET or HAS_SMOOTHING:
-            sum_wz -= sum_w * (m - tl.where(r == -float("inf"), 0.0, r))  # sum w (z - m) from sum w (z - r)
-        loss, coef, lse = _loss(m, log_d, z_t, c_t, sum_w, sum_wz, n_pos, n_neg, z_loss, kept, valid,
-                                PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
+        if SUMS:  # sum w (z - m) from sum w (z - r)
+            sum_wz -= sum_w * (m - tl.where(r == -float("inf"), 0.0, r))
+    log_d = tl.log(d)
+    loss, coef, lse = _loss(m, log_d, z_t, c_t, sum_w, sum_wz, n_pos,
+                            n_neg, z_loss, kept, valid, PROB_TARGET,
+                            HAS_SMOOTHING, HAS_Z_LOSS)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
     tl.store(stats_ptr + n_rows + row, log_d)
     tl.store(stats_ptr + 2 * n_rows + row, coef)
 
-    if COMPUTE_GRAD and SINGLE_BLOCK:  # the gradient, from the block still in registers
-        scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)  # an ignored row gets 0, even if all -inf
-        g = _gradient(e, z, w, cols, mask, coef / d, target, c_t, scale, softcap, PROB_TARGET or HAS_SMOOTHING,
-                      PROB_TARGET, HAS_SOFTCAP)
+    # the gradient, from the block still in registers
+    if COMPUTE_GRAD and SINGLE_BLOCK:
+        # an ignored row gets 0, even if all its logits are -inf
+        scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)
+        g = _gradient(e, z, w, cols, mask, coef / d, target, c_t, scale,
+                      softcap, SUMS, PROB_TARGET, HAS_SOFTCAP)
         g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
-        tl.store(g_row + cols * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        g_out = g.to(grad_ptr.dtype.element_ty)
+        tl.store(g_row + cols * stride_gc, g_out, mask=mask)
 
 
 @triton.jit
