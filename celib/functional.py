@@ -81,7 +81,8 @@ def cross_entropy(
             interpreter.
         check_inputs: validate target values (a class index outside [0, C-1]
             raises :class:`celib.InputError`). This reads the target and
-            synchronises with the GPU; ``False`` skips it. Under
+            synchronises with the GPU once per call; ``False`` skips it (the
+            Triton kernel then gives a wrong index's row a nan loss). Under
             ``torch.compile`` it is skipped too (a host read would break the
             graph; see :func:`celib.validate.check_target_range`).
         z_loss: coefficient ``c`` of the z-loss (PaLM): ``c * lse**2`` is added

@@ -102,10 +102,13 @@ def triton_cross_entropy(
             extra memory is O(N) instead of O(N C). The logits' values are
             destroyed by the forward pass, and backward can run only once.
         check_inputs: raise :class:`celib.InputError` for a class index outside
-            [0, C-1] (synchronises with the device). With ``False`` a wrong
-            index gives a meaningless loss but no out-of-bounds access.
+            [0, C-1]: one host synchronisation per call (a reduction of the N
+            targets read with ``bool()``). With ``False`` the call never
+            synchronises, and a wrong index gives that row a nan loss and
+            gradient (never a finite wrong number, never a read outside the row).
         max_block: largest block of logits per program (a power of two; default
-            :data:`celib.kernels.launch.MAX_BLOCK`). Rows longer than this are
+            :data:`celib.kernels.launch.MAX_BLOCK`, 16384, or 8192 with
+            probability targets or soft-capping). Rows longer than this are
             streamed, reading each logit twice.
 
     Raises:
