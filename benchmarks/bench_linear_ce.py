@@ -67,12 +67,12 @@ def rss_mb(key: str = "VmRSS") -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def measure_in_this_process(name: str, n: int, h: int, v: int) -> float:
+def measure_in_this_process(name: str, n: int, h: int, v: int, dtype: str = "float32") -> float:
     """Peak RSS growth (MB) of one fwd+bwd of ``name``: VmHWM after the call minus VmRSS before it,
     with the peak reset just before (``/proc/self/clear_refs``; ru_maxrss would carry the parent's
     peak across exec)."""
-    x, w, t = make_inputs(n, h, v)
-    run_once(name, *make_inputs(64, h, 256))  # warm up: import paths, thread pools, allocator
+    x, w, t = make_inputs(n, h, v, dtype=getattr(torch, dtype))
+    run_once(name, *make_inputs(64, h, 256, dtype=getattr(torch, dtype)))  # warm up: imports, threads, allocator
     before = rss_mb()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -80,19 +80,19 @@ def measure_in_this_process(name: str, n: int, h: int, v: int) -> float:
     return rss_mb("VmHWM") - before
 
 
-def peak_memory_mb(name: str, n: int, h: int, v: int) -> float:
+def peak_memory_mb(name: str, n: int, h: int, v: int, dtype: str = "float32") -> float:
     """Peak RSS growth (MB) of one fwd+bwd of ``name``, in a fresh process (CPU, Linux)."""
     code = ("import sys; sys.path.insert(0, %r); import bench_linear_ce as b; "
-            "print(b.measure_in_this_process(%r, %d, %d, %d))") % (os.path.dirname(os.path.abspath(__file__)),
-                                                                 name, n, h, v)
+            "print(b.measure_in_this_process(%r, %d, %d, %d, %r))") % (
+                os.path.dirname(os.path.abspath(__file__)), name, n, h, v, dtype)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_table(shapes, repeats: int) -> list[dict]:
+def cpu_table(shapes, repeats: int, dtype: str = "float32") -> list[dict]:
     rows = []
     for n, h, v in shapes:
-        x, w, t = make_inputs(n, h, v)
+        x, w, t = make_inputs(n, h, v, dtype=getattr(torch, dtype))
         times = {name: [] for name in IMPLEMENTATIONS}
         losses = {}
         for name in IMPLEMENTATIONS:  # warm-up
@@ -104,7 +104,7 @@ def cpu_table(shapes, repeats: int) -> list[dict]:
                 times[name].append(time.perf_counter() - start)
         for name in IMPLEMENTATIONS:
             rows.append(dict(shape=(n, h, v), name=name, seconds=statistics.median(times[name]),
-                             peak_mb=peak_memory_mb(name, n, h, v), loss=losses[name]))
+                             peak_mb=peak_memory_mb(name, n, h, v, dtype), loss=losses[name]))
     return rows
 
 
@@ -113,13 +113,14 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096x512x32000,2048x512x128256")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if torch.cuda.is_available():
         print("A CUDA GPU is present, but this script measures the CPU only so far; GPU timings: none.")
-    print(f"CPU: torch {torch.__version__}, {torch.get_num_threads()} threads; float32; forward + backward; "
+    print(f"CPU: torch {torch.__version__}, {torch.get_num_threads()} threads; {args.dtype}; forward + backward; "
           f"median of {args.repeats} interleaved runs; peak memory = peak RSS growth in a fresh process.\n")
-    rows = cpu_table(shapes, args.repeats)
+    rows = cpu_table(shapes, args.repeats, args.dtype)
     print("| N x H x V | implementation | time (ms) | vs naive | peak extra memory (MB) | vs naive |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:

@@ -19,31 +19,74 @@ the gradients formed in forward in place.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from celib import validate
 from celib.errors import InputError
 
-#: Bytes of float32 logits one chunk may hold when ``chunk_size`` is not given.
-CHUNK_BYTES = 16 * 2**20
+#: The GPU the CUDA rule is derived for, an H100 SXM: dense tensor-core throughput (FLOP/s) per input
+#: dtype, and HBM3 bandwidth (bytes/s). Their ratio is the machine balance, in FLOP per byte.
+GPU_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 495e12, torch.float64: 67e12}
+GPU_BYTES_PER_S = 3.35e12
+#: Bytes one chunk's logits (and their float32 working copy) may take by default: CUDA and CPU.
+CHUNK_MEMORY = {"cuda": 2 * 2**30, "cpu": 256 * 2**20}
+#: Rows per chunk on a CPU before the memory cap (see :func:`chunk_rows`).
+CPU_ROWS = 512
 
 
-def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else as many as fit :data:`CHUNK_BYTES` of float32 logits.
+def chunk_bytes_per_row(num_classes: int, dtype: torch.dtype) -> int:
+    """Bytes one row of a chunk takes: its logits in the input's dtype, plus a float32 copy for half inputs."""
+    size = torch.finfo(dtype).bits // 8
+    return num_classes * (size + (4 if size < 4 else 0))
 
-    The rule: ``CHUNK_BYTES // (4 * V)`` rows (16 MiB of float32 logits), rounded down to a
-    multiple of 8 (whole SIMD tiles for the matrix products), at least 1 and at most N: 128 rows
-    for V = 32000, 32 for V = 128256. Peak extra memory is about two such chunks (the logits and a
-    temporary of the same size) plus the gradients of the weight (float32) and of the input.
-    On this project's 2-core CPU, chunks of 128 to 1024 rows at V = 32000 ran within 3 % of each
-    other and 64 rows 10 % slower (``benchmarks/bench_linear_ce.py``).
+
+def roofline_rows(dtype: torch.dtype) -> int:
+    """The fewest rows per chunk for which every matrix product of a chunk is compute-bound on the GPU.
+
+    A chunk of n rows makes three products with the (V, H) weight: the logits (n V H multiply-adds,
+    reading W: b V H bytes), the input's gradient (the same) and the weight's gradient, accumulated in
+    float32 over the chunks: 2 n V H FLOP against reading and writing the (V, H) float32 accumulator,
+    8 V H bytes. That last one is the binding one: it is compute-bound when 2 n V H / F >= 8 V H / B,
+    that is n >= 4 F / B, four times the machine balance F / B (H100, bf16: 4 x 295 = 1181 rows).
+    Rounded up to a multiple of 128 (whole tensor-core tiles): 1280 rows for bf16 and fp16, 640 for
+    float32 (TF32), 128 for float64.
+    """
+    balance = GPU_FLOPS.get(dtype, GPU_FLOPS[torch.float32]) / GPU_BYTES_PER_S
+    rows = int(-(-4 * balance // 1))
+    return -(-rows // 128) * 128
+
+
+def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               memory: int | None = None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else the rule for the device, capped by a memory budget.
+
+    - CUDA: :func:`roofline_rows` (every product of a chunk compute-bound on an H100: 1280 rows in
+      bf16), so chunking costs no more time than the unfused products.
+    - CPU: :data:`CPU_ROWS` = 512. A CPU's matrix products are compute-bound at any of these sizes;
+      what costs is the per-chunk work that does not scale with the rows. Measured forward + backward,
+      float32, N = 4096, V = 32000 (``benchmarks/bench_linear_ce.py``), against the unfused
+      ``F.cross_entropy(x @ W.T)``: on a 2-core AMD EPYC (AVX-512) chunks of 512 rows took 0.73x
+      (H = 256) and 0.85x (H = 512), 128 rows 0.85x and 1.06x, 1024-2048 rows within 3 % of 512.
+
+    Either is capped so that a chunk's logits take at most ``memory`` bytes (default
+    :data:`CHUNK_MEMORY` for the device: 2 GiB on CUDA, 256 MiB on CPU; see
+    :func:`chunk_bytes_per_row`), and is at least 1 and at most N.
+    Peak extra memory is then about one chunk, plus the float32 gradient of the weight and the
+    gradient of the input.
     """
     if chunk_size is not None:
         if int(chunk_size) < 1:
             raise InputError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
         return int(chunk_size)
-    rows = CHUNK_BYTES // (4 * max(num_classes, 1))
-    rows = rows - rows % 8 if rows >= 8 else rows
+    kind = torch.device(device).type
+    rows = roofline_rows(dtype) if kind == "cuda" else CPU_ROWS
+    budget = CHUNK_MEMORY.get(kind, CHUNK_MEMORY["cpu"]) if memory is None else int(memory)
+    if budget < 1:
+        raise InputError(f"the chunk memory budget must be a positive number of bytes, got {memory}.")
+    rows = min(rows, budget // chunk_bytes_per_row(max(num_classes, 1), dtype))
     return max(1, min(max(num_rows, 1), rows))
 
 
@@ -161,7 +204,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Chunked linear + cross-entropy; gradients formed in forward (mean, sum) or recomputed (none)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, t, weight, ignore_index, reduction, smoothing, z_loss, softcap, rows, backend):
+    def forward(ctx, x, w, b, t, weight, ignore_index, reduction, smoothing, z_loss, softcap, rows, backend,
+                out_dtype):
         n = x.shape[0]
         acc = _accumulation_dtype(x)
         chunk = _Chunk(None if weight is None else weight.to(acc), ignore_index, smoothing, z_loss, softcap)
@@ -176,7 +220,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grads_now = reduction != "none" and (need_x or need_w or need_b)
         gx = torch.empty_like(x) if grads_now and need_x else None
-        gw = torch.zeros(w.shape, dtype=acc, device=w.device) if grads_now and need_w else None
+        gw = _WeightGrad(w, acc) if grads_now and need_w else None
         gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if grads_now and need_b else None
         losses = torch.empty(n, dtype=acc, device=x.device)
         buffers = _Chunk.buffers(min(rows, n), w, acc, raw=backend == "triton")
@@ -197,7 +241,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             out = losses.sum()
         else:
             out = losses.sum() / den
-        return out.to(x.dtype)
+        return out.to(out_dtype or x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -209,13 +253,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # Formed in forward: scale by the upstream scalar in place (no host sync, no copy). A second
             # backward (retain_graph=True) finds them consumed and recomputes below.
             g = grad_out.to(acc)
-            gx, gw, gb = (None if v is None else v.mul_(g).to(like.dtype) for v, like in zip(ctx.grads, (x, w, w)))
+            gx, gw, gb = ctx.grads
+            gx = None if gx is None else gx.mul_(g.to(gx.dtype))
+            gw = None if gw is None else gw.result(g)  # frees the float32 blocks as it converts them
+            gb = None if gb is None else gb.mul_(g).to(w.dtype)
             ctx.grads = None
-            return gx, gw, gb, None, None, None, None, None, None, None, None, None
+            return gx, gw, gb, None, None, None, None, None, None, None, None, None, None
         upstream = grad_out if reduction == "none" else (grad_out.to(acc) * ctx.scale_all).expand(x.shape[0])
         chunk = _Chunk(None if weight is None else weight.to(acc), ignore_index, smoothing, z_loss, softcap)
         gx = torch.empty_like(x) if need_x else None
-        gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        gw = _WeightGrad(w, acc) if need_w else None
         gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need_b else None
         buffers = _Chunk.buffers(min(rows, x.shape[0]), w, acc, raw=backend == "triton")
         for start in range(0, x.shape[0], rows):
@@ -224,8 +271,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             one = torch.ones((), dtype=acc, device=x.device)
             _chunk_loss_and_grad(chunk, z, ts, one, upstream[start : start + rows], True, backend)
             _fold(z, xs, w, gx, gw, gb, start)
-        return (gx, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(w.dtype),
-                None, None, None, None, None, None, None, None, None)
+        return (gx, None if gw is None else gw.result(), None if gb is None else gb.to(w.dtype),
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -260,16 +307,80 @@ def _chunk_loss_and_grad(chunk: _Chunk, z, ts, scale_all, upstream, want_grad, b
     return chunk.loss_and_grad(z, ts, scale, want_grad)
 
 
+_OUT_DTYPE_ADDMM: dict[str, bool] = {}  # device type -> torch.addmm(..., out_dtype=float32) works there
+
+
+def _accumulate_half(gw: torch.Tensor, g: torch.Tensor, gh: torch.Tensor, xs: torch.Tensor) -> None:
+    """gw (V, H) float32 += g.T @ xs for half-precision chunks, with no (V, H) temporary.
+
+    Where PyTorch has the mixed-precision product (CUDA: ``addmm`` with ``out_dtype``), the half
+    operands ``gh`` and ``xs`` are multiplied on the tensor cores and added into ``gw`` in float32.
+    Elsewhere the float32 gradient ``g`` and a float32 copy of ``xs`` (chunk-sized, not (V, H))
+    are multiplied in float32, in place.
+    """
+    kind = gw.device.type
+    if _OUT_DTYPE_ADDMM.get(kind, kind == "cuda"):
+        try:
+            torch.addmm(gw, gh.t(), xs, out_dtype=torch.float32, out=gw)
+            _OUT_DTYPE_ADDMM[kind] = True
+            return
+        except (RuntimeError, NotImplementedError, TypeError):
+            _OUT_DTYPE_ADDMM[kind] = False
+    gw.addmm_(g.t() if g.dtype == gw.dtype else g.t().float(), xs.float())
+
+
+class _WeightGrad:
+    """The (V, H) weight gradient, accumulated over chunks in place, in the accumulation dtype.
+
+    For a weight of that dtype it is one tensor. For a half-precision weight it is float32 blocks of
+    at most V / :attr:`BLOCKS` rows of W, so that :meth:`result` can convert it to the weight's dtype
+    freeing each float32 block as it goes, and then join the half-precision blocks (one copy of the
+    result, 2 x 2 V H bytes moved): the peak is the float32 accumulator plus one half-precision
+    block, not plus a whole half-precision copy (1.05 GB at V = 128256, H = 4096 in bf16).
+    """
+
+    BLOCKS = 8
+
+    def __init__(self, w: torch.Tensor, acc: torch.dtype) -> None:
+        self.shape, self.dtype = w.shape, w.dtype
+        vocab = w.shape[0]
+        step = vocab if acc == w.dtype else -(-vocab // self.BLOCKS)
+        self.starts = list(range(0, vocab, step))
+        self.blocks: list[torch.Tensor | None] = [
+            torch.zeros(min(step, vocab - s), w.shape[1], dtype=acc, device=w.device) for s in self.starts]
+
+    def add(self, g: torch.Tensor, gh: torch.Tensor, xs: torch.Tensor) -> None:
+        """+= gh.T @ xs, block by block (g: the chunk's gradient in float32, gh: in the weight's dtype)."""
+        for start, block in zip(self.starts, self.blocks):
+            cols = slice(start, start + block.shape[0])
+            if gh.dtype == block.dtype:
+                block.addmm_(gh[:, cols].t(), xs)
+            else:
+                _accumulate_half(block, g[:, cols], gh[:, cols], xs)
+
+    def result(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The gradient in the weight's dtype, times ``scale`` if given; consumes the accumulator."""
+        if len(self.blocks) == 1 and self.blocks[0].dtype == self.dtype:
+            out = self.blocks.pop()
+            return out if scale is None else out.mul_(scale.to(out.dtype))
+        parts = []
+        for i in range(len(self.blocks)):
+            block, self.blocks[i] = self.blocks[i], None
+            part = torch.empty(block.shape, dtype=self.dtype, device=block.device)
+            torch.mul(block, scale.to(block.dtype), out=part) if scale is not None else part.copy_(block)
+            parts.append(part)
+            del block  # its float32 memory is free before the next block is converted
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def _fold(g, xs, w, gx, gw, gb, start):
-    """Fold one chunk's logit gradient g (n, V) into the gradients of input, weight and bias."""
+    """Fold one chunk's logit gradient g (n, V) into the gradients of input, weight and bias,
+    accumulating in place (``addmm_``): no (V, H) temporary in any dtype."""
     gh = g.to(w.dtype)
     if gx is not None:
         torch.mm(gh, w, out=gx[start : start + len(xs)])
     if gw is not None:
-        if gh.dtype == gw.dtype:
-            gw.addmm_(gh.t(), xs)
-        else:  # half precision: the chunk's product in the input dtype, accumulated in float32
-            gw += torch.mm(gh.t(), xs).float()
+        gw.add(g, gh, xs)
     if gb is not None:
         gb += g.sum(0).to(gb.dtype)
 
@@ -287,8 +398,10 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    chunk_memory: int | None = None,
     backend: str = "auto",
     check_inputs: bool = True,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy of a linear layer's output, without materialising the (N, V) logits.
 
@@ -308,16 +421,25 @@ def linear_cross_entropy(
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap: as in
             :func:`celib.cross_entropy`. ``reduction="none"`` returns the loss per row, shape
             of ``target``; its backward recomputes the logits of each chunk.
-        chunk_size: rows per chunk; default from a memory budget (see :func:`chunk_rows`).
+        chunk_size: rows per chunk; default from the device's rule, capped by ``chunk_memory``
+            (see :func:`chunk_rows`: 1280 rows for bf16 on CUDA, 512 on a CPU).
+        chunk_memory: bytes one chunk's logits may take when ``chunk_size`` is not given (default
+            :data:`CHUNK_MEMORY`: 2 GiB on CUDA, 256 MiB on CPU).
         backend: ``"torch"`` (PyTorch operations per chunk), ``"triton"`` (celib's fused kernel
             per chunk, writing the gradient over the chunk's logits; CUDA, or Triton's
             interpreter on CPU), or ``"auto"``: the kernel on CUDA when triton is installed.
         check_inputs: check that every target is in range (reads the target; a device sync).
+        loss_dtype: dtype of the returned loss; ``None`` keeps the input's dtype (as PyTorch),
+            ``torch.float32`` returns the float32 loss of half-precision inputs unrounded.
+
+    Under ``torch.autocast`` the matrix products run in the autocast dtype, as ``F.linear``'s
+    would (float32 input, weight and bias are cast to it), and the loss, returned in float32 as
+    autocast's ``cross_entropy`` returns it, and the accumulation of the gradients stay in float32.
 
     Returns:
-        The loss in ``input``'s dtype: a scalar, or per row for ``reduction="none"``.
-        Gradients of half-precision ``linear_weight`` and ``linear_bias`` are accumulated over
-        chunks in float32 and rounded once.
+        The loss in ``loss_dtype`` (default: ``input``'s dtype; float32 under autocast): a scalar, or
+        per row for ``reduction="none"``. Gradients of half-precision ``linear_weight`` and
+        ``linear_bias`` are accumulated over chunks in float32 and rounded once.
 
     Raises:
         InputError: shapes that do not fit (hidden size vs weight, vocabulary of weight vs
@@ -346,10 +468,18 @@ def linear_cross_entropy(
         if input.dtype not in kernels.DTYPES:
             raise InputError(f"the Triton kernel takes float16, bfloat16 or float32, got {input.dtype}; "
                              f"use backend='torch'.")
-    x = input.reshape(-1, hidden)
-    rows = chunk_rows(x.shape[0], vocab, chunk_size)
-    loss = LinearCrossEntropyFunction.apply(
-        x, linear_weight, linear_bias, t, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
-        None if softcap is None else float(softcap), rows, "triton" if use_kernel else "torch",
-    )
+    x, w, b = input.reshape(-1, hidden), linear_weight, linear_bias
+    device_type = x.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and x.dtype == torch.float32:
+        # as F.linear under autocast: the products in the autocast dtype (casts are differentiable)
+        dt = torch.get_autocast_dtype(device_type)
+        x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
+        loss_dtype = loss_dtype or torch.float32  # autocast runs cross_entropy in float32
+    rows = chunk_rows(x.shape[0], vocab, chunk_size, dtype=x.dtype, device=x.device, memory=chunk_memory)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        loss = LinearCrossEntropyFunction.apply(
+            x, w, b, t, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
+            None if softcap is None else float(softcap), rows, "triton" if use_kernel else "torch", loss_dtype,
+        )
     return loss.reshape(target.shape) if reduction == "none" else loss

@@ -178,13 +178,57 @@ def test_triton_backend_matches_the_torch_backend(kwargs):
 
 
 def test_chunk_rule():
-    assert chunk_rows(4096, 32000) == 128
-    assert chunk_rows(4096, 128256) == 32
+    from celib.linear import roofline_rows
+
+    # CUDA: four times an H100's machine balance (989e12 / 3.35e12 = 295 FLOP/byte) in rows, in 128s
+    assert roofline_rows(torch.bfloat16) == 1280 and roofline_rows(torch.float32) == 640
+    bf16 = dict(dtype=torch.bfloat16, device="cuda")
+    assert chunk_rows(8192, 128256, **bf16) == 1280  # 1280 x 128256 x (2 + 4) bytes = 985 MB < 2 GiB
+    assert chunk_rows(16384, 256000, **bf16) == 1280  # 1.97 GB
+    assert chunk_rows(16384, 10**6, **bf16) == 2 * 2**30 // (10**6 * 6) == 357  # the memory cap binds
+    assert chunk_rows(8192, 128256, memory=2**28, **bf16) == 2**28 // (128256 * 6)
+    # CPU: 512 rows, capped at 256 MiB of logits
+    assert chunk_rows(4096, 32000) == 512
+    assert chunk_rows(4096, 256000) == 256 * 2**20 // (256000 * 4) == 262
     assert chunk_rows(10, 32000) == 10
     assert chunk_rows(4096, 10**9) == 1
     assert chunk_rows(5, 7, chunk_size=2) == 2
     with pytest.raises(celib.InputError, match="chunk_size"):
         chunk_rows(5, 7, chunk_size=0)
+    with pytest.raises(celib.InputError, match="budget"):
+        chunk_rows(5, 7, memory=0)
+
+
+def test_loss_dtype_float32_for_half_inputs():
+    x, w, b, t = _inputs(dtype=torch.bfloat16)
+    loss32 = celib.linear_cross_entropy(x, w, t, linear_bias=b, loss_dtype=torch.float32)
+    loss16 = celib.linear_cross_entropy(x, w, t, linear_bias=b)
+    assert loss32.dtype == torch.float32 and loss16.dtype == torch.bfloat16
+    # the logits are the bf16 products, as F.linear's; from there on float32, and not rounded to bf16
+    exact = F.cross_entropy(F.linear(x, w, b).double(), t)
+    assert abs(loss32.double() - exact) < 1e-5 * abs(exact)
+    assert loss16 == loss32.to(torch.bfloat16)
+
+
+def test_autocast_runs_the_products_in_the_autocast_dtype():
+    x, w, b, t = (v.float() if v.is_floating_point() else v for v in _inputs())
+    x, w = x.requires_grad_(True), w.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = celib.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=4)
+        ref = F.cross_entropy(F.linear(x, w, b), t)  # what autocast makes of the unfused version
+    assert loss.dtype == torch.float32 == ref.dtype  # autocast's cross_entropy runs in float32
+    as_bf16 = celib.linear_cross_entropy(x.bfloat16(), w.bfloat16(), t, linear_bias=b.bfloat16(), chunk_size=4,
+                                         loss_dtype=torch.float32)
+    assert loss == as_bf16  # products in bf16, as F.linear's under autocast
+    assert loss != celib.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=4)  # not the float32 products
+    assert abs(loss - ref) <= 1e-5 * abs(ref)
+    loss.backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32  # leaves keep their dtype
+    xr, wr = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F.cross_entropy(F.linear(xr, wr, b), t).backward()
+    for ours, theirs in ((x.grad, xr.grad), (w.grad, wr.grad)):
+        assert (ours - theirs).abs().max() <= 2e-2 * theirs.abs().max()
 
 
 def test_bad_input_names_the_fix():
