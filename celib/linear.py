@@ -213,7 +213,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "mean":
             w_t = kept.to(acc) if weight is None else weight.to(acc)[torch.where(kept, t, 0)] * kept
             den = w_t.sum()
-            scale_all = torch.where(den > 0, 1 / den, torch.zeros_like(den))  # all ignored: nan loss, zero grad
+            # all ignored: nan loss, zero gradient (den != 0, not > 0: negative class weights are allowed)
+            scale_all = torch.where(den != 0, 1 / den, torch.zeros_like(den))
         else:
             den = None
             scale_all = torch.ones((), dtype=acc, device=x.device)
@@ -260,19 +261,121 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.grads = None
             return gx, gw, gb, None, None, None, None, None, None, None, None, None, None
         upstream = grad_out if reduction == "none" else (grad_out.to(acc) * ctx.scale_all).expand(x.shape[0])
-        chunk = _Chunk(None if weight is None else weight.to(acc), ignore_index, smoothing, z_loss, softcap)
-        gx = torch.empty_like(x) if need_x else None
-        gw = _WeightGrad(w, acc) if need_w else None
-        gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need_b else None
-        buffers = _Chunk.buffers(min(rows, x.shape[0]), w, acc, raw=backend == "triton")
-        for start in range(0, x.shape[0], rows):
-            xs, ts = x[start : start + rows], t[start : start + rows]
-            z = chunk.logits(xs, w, b, buffers, raw=backend == "triton")  # recomputed: the upstream is known only now
-            one = torch.ones((), dtype=acc, device=x.device)
-            _chunk_loss_and_grad(chunk, z, ts, one, upstream[start : start + rows], True, backend)
-            _fold(z, xs, w, gx, gw, gb, start)
-        return (gx, None if gw is None else gw.result(), None if gb is None else gb.to(w.dtype),
-                None, None, None, None, None, None, None, None, None, None)
+        gx, gw, gb = _recompute(x, w, b, t, weight, ctx.options, upstream, need_x, need_w, need_b)
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None, None
+
+
+def _recompute(x, w, b, t, weight, options, upstream, need_x, need_w, need_b):
+    """(dX, dW, dB) of sum(loss_rows * upstream), recomputing each chunk's logits (the upstream per row
+    is known only in backward): four matrix products instead of three."""
+    ignore_index, _, smoothing, z_loss, softcap, rows, backend = options
+    acc = _accumulation_dtype(x)
+    chunk = _Chunk(None if weight is None else weight.to(acc), ignore_index, smoothing, z_loss, softcap)
+    gx = torch.empty_like(x) if need_x else None
+    gw = _WeightGrad(w, acc) if need_w else None
+    gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need_b else None
+    buffers = _Chunk.buffers(min(rows, x.shape[0]), w, acc, raw=backend == "triton")
+    one = torch.ones((), dtype=acc, device=x.device)
+    for start in range(0, x.shape[0], rows):
+        xs, ts = x[start : start + rows], t[start : start + rows]
+        z = chunk.logits(xs, w, b, buffers, raw=backend == "triton")
+        _chunk_loss_and_grad(chunk, z, ts, one, upstream[start : start + rows], True, backend)
+        _fold(z, xs, w, gx, gw, gb, start)
+    return gx, None if gw is None else gw.result(), None if gb is None else gb.to(w.dtype)
+
+
+def _losses(x, w, b, t, weight, options) -> torch.Tensor:
+    """Per-row losses (N,) in the accumulation dtype, chunk by chunk, without gradients."""
+    ignore_index, _, smoothing, z_loss, softcap, rows, backend = options
+    acc = _accumulation_dtype(x)
+    chunk = _Chunk(None if weight is None else weight.to(acc), ignore_index, smoothing, z_loss, softcap)
+    losses = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    buffers = _Chunk.buffers(min(rows, x.shape[0]), w, acc, raw=backend == "triton")
+    one = torch.ones((), dtype=acc, device=x.device)
+    for start in range(0, x.shape[0], rows):
+        xs, ts = x[start : start + rows], t[start : start + rows]
+        z = chunk.logits(xs, w, b, buffers, raw=backend == "triton")
+        losses[start : start + rows] = _chunk_loss_and_grad(chunk, z, ts, one, None, False, backend)[0]
+    return losses
+
+
+# ------------------------------------------------------------------------------------------- torch.compile
+# Under torch.compile the chunk loop is one opaque operator for the forward and one for the backward,
+# so the compiler neither unrolls the loop (compile time independent of the number of chunks) nor
+# materialises the logits (memory as in eager). The forward op returns the per-row losses; the
+# reduction is ordinary PyTorch arithmetic around it; the backward op recomputes each chunk with the
+# per-row upstream gradient (four products instead of three, the price of a functional op).
+
+
+@torch.library.custom_op("celib::linear_cross_entropy_rows", mutates_args=())
+def _rows_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor,
+             weight: torch.Tensor | None, ignore_index: int, smoothing: float, z_loss: float,
+             softcap: float | None, rows: int, backend: str) -> torch.Tensor:
+    """Per-row losses (N,) of cross_entropy(x @ w.T + b, t), float32 (float64 for float64 input)."""
+    with torch.no_grad():
+        return _losses(x, w, b, t, weight, (ignore_index, "none", smoothing, z_loss, softcap, rows, backend))
+
+
+@_rows_op.register_fake
+def _(x, w, b, t, weight, ignore_index, smoothing, z_loss, softcap, rows, backend):
+    return x.new_empty(x.shape[0], dtype=_accumulation_dtype(x))
+
+
+@torch.library.custom_op("celib::linear_cross_entropy_rows_backward", mutates_args=())
+def _rows_backward_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor,
+                      weight: torch.Tensor | None, ignore_index: int, smoothing: float, z_loss: float,
+                      softcap: float | None, rows: int, backend: str, upstream: torch.Tensor, need_x: bool,
+                      need_w: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX, dW, dB) of sum(losses * upstream); a 0-element tensor for a gradient not asked for."""
+    options = (ignore_index, "none", smoothing, z_loss, softcap, rows, backend)
+    with torch.no_grad():
+        gx, gw, gb = _recompute(x, w, b, t, weight, options, upstream, need_x, need_w, need_b and b is not None)
+    empty = x.new_empty(0)
+    return (empty if gx is None else gx, empty if gw is None else gw, empty if gb is None else gb)
+
+
+@_rows_backward_op.register_fake
+def _(x, w, b, t, weight, ignore_index, smoothing, z_loss, softcap, rows, backend, upstream, need_x, need_w,
+      need_b):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x) if need_x else empty, torch.empty_like(w) if need_w else empty,
+            torch.empty_like(b) if need_b and b is not None else empty)
+
+
+def _rows_setup(ctx, inputs, output):
+    x, w, b, t, weight, *options = inputs
+    ctx.save_for_backward(x, w, b, t, weight)
+    ctx.options = tuple(options)
+    ctx.need = tuple(ctx.needs_input_grad[:3])
+
+
+def _rows_backward(ctx, upstream):
+    x, w, b, t, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.need
+    gx, gw, gb = _rows_backward_op(x, w, b, t, weight, *ctx.options, upstream, need_x, need_w, need_b)
+    return (gx if need_x else None, gw if need_w else None, gb if need_b and b is not None else None,
+            None, None, None, None, None, None, None, None)
+
+
+_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+def _compiled(x, w, b, t, weight, ignore_index, reduction, smoothing, z_loss, softcap, rows, backend, out_dtype):
+    """The loss under torch.compile: the per-row op, then the reduction in PyTorch operations."""
+    losses = _rows_op(x, w, b, t, weight, ignore_index, smoothing, z_loss, softcap, rows, backend)
+    if reduction == "none":
+        out = losses
+    elif reduction == "sum":
+        out = losses.sum()
+    else:
+        kept = t != ignore_index
+        safe = torch.where(kept, t, 0).clamp(0, w.shape[0] - 1)  # unchecked under compile: stay in bounds
+        w_t = kept.to(losses.dtype) if weight is None else weight.to(losses.dtype)[safe] * kept
+        den = w_t.sum()
+        nonzero = torch.where(den != 0, den, torch.ones_like(den))
+        # all ignored: a nan loss and, as in eager, a zero gradient
+        out = torch.where(den != 0, losses.sum() / nonzero, torch.full_like(den, float("nan")))
+    return out.to(out_dtype or x.dtype)
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -477,9 +580,11 @@ def linear_cross_entropy(
         x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
         loss_dtype = loss_dtype or torch.float32  # autocast runs cross_entropy in float32
     rows = chunk_rows(x.shape[0], vocab, chunk_size, dtype=x.dtype, device=x.device, memory=chunk_memory)
+    args = (x, w, b, t, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
+            None if softcap is None else float(softcap), rows, "triton" if use_kernel else "torch", loss_dtype)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        loss = LinearCrossEntropyFunction.apply(
-            x, w, b, t, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
-            None if softcap is None else float(softcap), rows, "triton" if use_kernel else "torch", loss_dtype,
-        )
+        if torch.compiler.is_compiling():
+            loss = _compiled(*args)
+        else:
+            loss = LinearCrossEntropyFunction.apply(*args)
     return loss.reshape(target.shape) if reduction == "none" else loss

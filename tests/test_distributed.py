@@ -182,6 +182,92 @@ def scenario_communication_volume(rank: int, world: int) -> None:
     assert moved == [("all_gather", world), ("all_reduce", n), ("all_reduce", 3 * n)], moved
 
 
+def _linear_compare(rank, world, sizes, n=13, h=5, rows=4, seed=4, ignored=(2, 9), **kwargs) -> None:
+    """The sharded output layer + loss against celib.linear_cross_entropy on the whole layer, float64:
+    loss, dX, this rank's rows of dW and db, for an upstream of 1 and one per row."""
+    import celib
+    from celib.distributed import vocab_parallel_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = sum(sizes)
+    x = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w = torch.randn(vocab, h, generator=g, dtype=torch.float64)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64)
+    t = torch.randint(0, vocab, (n,), generator=g)
+    t[list(ignored)] = -100
+    start = sum(sizes[:rank])
+    shard = slice(start, start + sizes[rank])
+    xa, wa, ba = x.clone().requires_grad_(True), w[shard].clone().requires_grad_(True), b[shard].clone()
+    ba.requires_grad_(True)
+    xr, wr, br = x.clone().requires_grad_(True), w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    got = vocab_parallel_linear_cross_entropy(xa, wa, t, bias_shard=ba, chunk_size=rows, **kwargs)
+    expected = celib.linear_cross_entropy(xr, wr, t, linear_bias=br, **kwargs)
+    up = torch.rand(expected.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (got * up).sum().backward()
+    (expected * up).sum().backward()
+    for what, a, e in (("loss", got, expected), ("dX", xa.grad, xr.grad), ("dW", wa.grad, wr.grad[shard]),
+                       ("db", ba.grad, br.grad[shard])):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, equal_nan=True, msg=what)
+
+
+def scenario_linear_values_and_gradients(rank: int, world: int) -> None:
+    """Uneven shards, a rank with one class, chunks of 1, 4 and all rows, every reduction and option."""
+    for sizes in (_shards(world, 29), [29 - world + 1] + [1] * (world - 1)):
+        for rows in (1, 4, 100):
+            for kwargs in (dict(), dict(reduction="sum"), dict(reduction="none"),
+                           dict(label_smoothing=0.2, z_loss=1e-2), dict(reduction="none", label_smoothing=0.1)):
+                _linear_compare(rank, world, sizes, rows=rows, **kwargs)
+
+
+def scenario_linear_edge_cases(rank: int, world: int) -> None:
+    """Every row ignored (nan mean, zero gradients), and an empty batch."""
+    sizes = _shards(world, 17)
+    _linear_compare(rank, world, sizes, n=5, ignored=range(5))
+    _linear_compare(rank, world, sizes, n=5, ignored=range(5), reduction="sum")
+    _linear_compare(rank, world, sizes, n=0, ignored=(), reduction="sum")
+
+
+def scenario_linear_errors_on_every_rank(rank: int, world: int) -> None:
+    import celib
+    from celib.distributed import vocab_parallel_linear_cross_entropy
+
+    sizes = _shards(world, 12)
+    x, w = torch.randn(3, 4), torch.randn(sizes[rank], 4)
+    with pytest.raises(celib.InputError, match="class index 12"):
+        vocab_parallel_linear_cross_entropy(x, w, torch.tensor([0, 12, 1]))
+    with pytest.raises(celib.InputError, match="hidden size"):
+        vocab_parallel_linear_cross_entropy(torch.randn(3, 5), w, torch.tensor([0, 1, 1]))
+    dist.barrier()  # every rank got here: none is waiting in a collective
+
+
+def scenario_linear_communication_volume(rank: int, world: int) -> None:
+    """Per chunk of n rows all-reduces of n and 3 n numbers; backward one all-reduce of dX, N x H numbers."""
+    from celib.distributed import vocab_parallel_linear_cross_entropy
+
+    moved = []
+    real_all_reduce, real_all_gather = dist.all_reduce, dist.all_gather
+
+    def all_reduce(tensor, *args, **kwargs):
+        moved.append(("all_reduce", tensor.numel()))
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    def all_gather(tensors, tensor, *args, **kwargs):
+        moved.append(("all_gather", tensor.numel() * len(tensors)))
+        return real_all_gather(tensors, tensor, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    try:
+        n, h, vocab, rows = 48, 16, 5000, 32
+        x = torch.randn(n, h, requires_grad=True)
+        w = torch.randn(_shards(world, vocab)[rank], h, requires_grad=True)
+        loss = vocab_parallel_linear_cross_entropy(x, w, torch.randint(0, vocab, (n,)), chunk_size=rows)
+        loss.backward()
+    finally:
+        dist.all_reduce, dist.all_gather = real_all_reduce, real_all_gather
+    chunks = [("all_reduce", 32), ("all_reduce", 96), ("all_reduce", 16), ("all_reduce", 48)]
+    assert moved == [("all_gather", world)] + chunks + [("all_reduce", n * h)], moved
+
+
 SCENARIOS = {name.removeprefix("scenario_"): fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
@@ -190,5 +276,5 @@ def test_vocab_parallel_cross_entropy(world):
     """Every scenario above, on 2 and on 3 gloo processes."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    assert len(SCENARIOS) == 5
+    assert len(SCENARIOS) == 9
     _run(world)
