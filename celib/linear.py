@@ -32,8 +32,9 @@ GPU_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 495e1
 GPU_BYTES_PER_S = 3.35e12
 #: Bytes one chunk's logits (and their float32 working copy) may take by default: CUDA and CPU.
 CHUNK_MEMORY = {"cuda": 2 * 2**30, "cpu": 256 * 2**20}
-#: Rows per chunk on a CPU before the memory cap (see :func:`chunk_rows`).
-CPU_ROWS = 512
+#: Rows per chunk on a CPU: a quarter of the batch, at least CPU_MIN_ROWS and at most CPU_ROWS (see
+#: :func:`chunk_rows`).
+CPU_ROWS, CPU_MIN_ROWS = 512, 128
 
 
 def chunk_bytes_per_row(num_classes: int, dtype: torch.dtype) -> int:
@@ -65,11 +66,13 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
 
     - CUDA: :func:`roofline_rows` (every product of a chunk compute-bound on an H100: 1280 rows in
       bf16), so chunking costs no more time than the unfused products.
-    - CPU: :data:`CPU_ROWS` = 512. A CPU's matrix products are compute-bound at any of these sizes;
-      what costs is the per-chunk work that does not scale with the rows. Measured forward + backward,
-      float32, N = 4096, V = 32000 (``benchmarks/bench_linear_ce.py``), against the unfused
-      ``F.cross_entropy(x @ W.T)``: on a 2-core AMD EPYC (AVX-512) chunks of 512 rows took 0.73x
-      (H = 256) and 0.85x (H = 512), 128 rows 0.85x and 1.06x, 1024-2048 rows within 3 % of 512.
+    - CPU: a quarter of the batch, at least 128 and at most 512 rows (:data:`CPU_ROWS`). A CPU's
+      matrix products are compute-bound at any of these sizes; what costs is the per-chunk work that
+      does not scale with the rows, so chunks should be large, and a quarter of the batch keeps
+      chunking worth its name for small batches (at most a quarter of the logits in memory). Measured
+      forward + backward, float32, N = 4096, V = 32000 (``benchmarks/bench_linear_ce.py``), against the
+      unfused ``F.cross_entropy(x @ W.T)``: on a 2-core AMD EPYC (AVX-512) chunks of 512 rows took
+      0.73x (H = 256) and 0.85x (H = 512), 128 rows 0.85x and 1.06x, 1024-2048 rows within 3 % of 512.
 
     Either is capped so that a chunk's logits take at most ``memory`` bytes (default
     :data:`CHUNK_MEMORY` for the device: 2 GiB on CUDA, 256 MiB on CPU; see
@@ -82,7 +85,10 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
             raise InputError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
         return int(chunk_size)
     kind = torch.device(device).type
-    rows = roofline_rows(dtype) if kind == "cuda" else CPU_ROWS
+    if kind == "cuda":
+        rows = roofline_rows(dtype)
+    else:  # a quarter of the batch, between 128 and CPU_ROWS rows
+        rows = min(CPU_ROWS, max(CPU_MIN_ROWS, -(-num_rows // 4)))
     budget = CHUNK_MEMORY.get(kind, CHUNK_MEMORY["cpu"]) if memory is None else int(memory)
     if budget < 1:
         raise InputError(f"the chunk memory budget must be a positive number of bytes, got {memory}.")

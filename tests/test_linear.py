@@ -187,8 +187,9 @@ def test_chunk_rule():
     assert chunk_rows(16384, 256000, **bf16) == 1280  # 1.97 GB
     assert chunk_rows(16384, 10**6, **bf16) == 2 * 2**30 // (10**6 * 6) == 357  # the memory cap binds
     assert chunk_rows(8192, 128256, memory=2**28, **bf16) == 2**28 // (128256 * 6)
-    # CPU: 512 rows, capped at 256 MiB of logits
+    # CPU: a quarter of the batch, 128 to 512 rows, capped at 256 MiB of logits
     assert chunk_rows(4096, 32000) == 512
+    assert chunk_rows(1024, 32000) == 256 and chunk_rows(512, 32000) == 128 and chunk_rows(200, 50) == 128
     assert chunk_rows(4096, 256000) == 256 * 2**20 // (256000 * 4) == 262
     assert chunk_rows(10, 32000) == 10
     assert chunk_rows(4096, 10**9) == 1
