@@ -95,11 +95,12 @@ def test_all_ignored_mean_is_nan_with_zero_gradient_compiled():
     assert torch.isnan(loss) and torch.equal(xa.grad, torch.zeros_like(x)) and torch.equal(wa.grad, torch.zeros_like(w))
 
 
-def test_compiled_autograd():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_autograd(backend):
     x, w, b, t = _inputs()
 
     def step(x, w):
-        return celib.linear_cross_entropy(x, w, t, chunk_size=16, check_inputs=False)
+        return celib.linear_cross_entropy(x, w, t, chunk_size=16, check_inputs=False, backend=backend)
 
     eager = _loss_and_grads(lambda x, w, b: step(x, w), x, w, b)[:3]
     xa, wa = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
