@@ -12,10 +12,14 @@
   absent).
 """
 
-from celib import kernels, nn, ref
-from celib.diagnose import Finding, diagnose
-from celib.errors import InputError
-from celib.functional import (
+from celib._versions import check_torch
+
+check_torch()
+
+from celib import kernels, nn, ref  # noqa: E402
+from celib.diagnose import Finding, diagnose  # noqa: E402
+from celib.errors import InputError  # noqa: E402
+from celib.functional import (  # noqa: E402
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
     cross_entropy,
@@ -24,7 +28,7 @@ from celib.functional import (
     nll_loss,
     sigmoid_focal_loss,
 )
-from celib.linear import linear_cross_entropy
+from celib.linear import linear_cross_entropy  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -97,7 +97,10 @@ def cross_entropy(
             logits' storage to save memory; the input's values are destroyed.
             The PyTorch path ignores it.
         loss_dtype: dtype of the returned loss; ``None`` keeps the input's dtype
-            (as PyTorch). ``torch.float32`` returns a float32 loss for half inputs.
+            (as PyTorch). ``torch.float32`` returns a float32 loss for half inputs,
+            computed in float32 on every backend: the kernel always computes in
+            float32; the torch backend then works on a float32 copy of the
+            logits (N x C x 4 bytes more memory, and its gradient).
 
     Returns:
         The loss (0-dim unless ``reduction="none"``), and the lse if asked.
@@ -134,6 +137,9 @@ def cross_entropy(
             validate.check_target_range(target, num_classes, ignore_index)
         if target.dtype != torch.int64:
             target = target.long()
+    if loss_dtype is not None and loss_dtype.is_floating_point and torch.finfo(loss_dtype).bits > torch.finfo(
+            input.dtype).bits:
+        input = input.to(loss_dtype)  # computed in loss_dtype, as the kernel computes in float32
     if weight is not None and weight.dtype != input.dtype:
         weight = weight.to(input.dtype)  # PyTorch wants one dtype; the kernel takes any (it computes in float32)
     logits = input if softcap is None else softcap * torch.tanh(input / softcap)

@@ -71,6 +71,9 @@ def _require_triton() -> None:
             "backend='triton' needs the triton package, which is not installed (it exists for Linux: "
             "pip install 'celib[triton]'). Use backend='torch' (or 'auto') instead."
         )
+    from celib._versions import check_triton
+
+    check_triton()
 
 
 def triton_cross_entropy(

@@ -44,11 +44,12 @@ def num_warps(block: int) -> int:
 def _kernels():
     """The kernels: compiled for GPUs, or, on a machine without CUDA, run by Triton's interpreter.
 
-    Triton chooses between the two when it is first imported (the TRITON_INTERPRET
-    variable); ``celib.kernels`` sets that variable when it is imported on a
-    machine without a GPU, so nobody has to set it by hand.
+    Triton chooses between the two when it is first imported (the TRITON_INTERPRET variable), for its
+    own library as well as for kernels defined later, so the choice cannot be changed afterwards.
+    ``celib.kernels`` sets that variable when it is imported on a machine without a GPU, before anything
+    has imported triton, so nobody has to set it by hand; see :func:`_check_device` for the other order.
     """
-    from celib.kernels import kernel  # Triton's mode was chosen when celib.kernels was imported
+    from celib.kernels import kernel  # Triton's mode was chosen when triton was first imported
 
     return kernel
 
@@ -91,10 +92,14 @@ def _quiet(device: torch.device):
 
 def _check_device(logits: torch.Tensor) -> None:
     if not logits.is_cuda and not interpreted():
+        if torch.cuda.is_available():
+            cause = "this machine has a GPU, so Triton was imported in compiled mode"
+        else:
+            cause = ("triton was imported in compiled mode before celib (torch._dynamo and transformers import "
+                     "it), and Triton fixes its mode when it is first imported")
         raise InputError(
-            "CPU tensors need Triton's interpreter, but triton was imported in compiled mode (a GPU is present, "
-            "or triton was imported before celib.kernels). Move the tensors to the GPU, or set TRITON_INTERPRET=1 "
-            "before importing triton."
+            f"CPU tensors need Triton's interpreter, but {cause}. Set TRITON_INTERPRET=1 in the environment "
+            f"before starting Python (or import celib first), or move the tensors to the GPU."
         )
 
 

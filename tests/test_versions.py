@@ -1,0 +1,80 @@
+"""Version bounds, the import-order trap and loss_dtype: what a user of celib meets first."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import celib
+from celib import _versions, kernels
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_version_bounds_name_the_minimum():
+    assert _versions.parse("2.13.0+cpu") == (2, 13) and _versions.parse("3.4.0.dev2025") == (3, 4)
+    _versions.require("torch", "2.9.1", (2, 9))
+    with pytest.raises(ImportError, match=r"celib needs torch >= 2\.9, found torch 2\.8\.0"):
+        _versions.require("torch", "2.8.0", (2, 9))
+    with pytest.raises(ImportError, match=r"triton >= 3\.4"):
+        _versions.require("triton", "3.3.1", _versions.MIN_TRITON)
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"torch>=2.9' in text and "triton>=3.4" in text  # the same bounds as the code
+
+
+IMPORT_ORDER = """
+import {first}
+import torch, celib
+x = torch.randn(4, 10) * 3
+t = torch.randint(0, 10, (4,))
+try:
+    a = celib.cross_entropy(x, t, backend="triton")
+except celib.InputError as err:
+    print("InputError:", err)
+else:
+    assert abs(float(a) - float(celib.cross_entropy(x, t, backend="torch"))) < 1e-5
+    print("ok")
+"""
+
+
+def _run(first: str, **env) -> str:
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", IMPORT_ORDER.format(first=first)], capture_output=True, text=True,
+                         env=dict(base, **env), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the trap is a CPU-only machine's")
+@pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+def test_import_order_on_a_cpu_machine():
+    """torch._dynamo (which transformers imports) imports triton in compiled mode, and Triton cannot switch
+    its own library to the interpreter afterwards: celib says so and gives the one-line fix; with the fix,
+    or with celib imported first, the kernel runs."""
+    assert _run("os") == "ok"  # celib imported before triton: it selects the interpreter itself
+    message = _run("torch._dynamo")
+    assert message.startswith("InputError:") and "imported in compiled mode before celib" in message
+    assert "TRITON_INTERPRET=1" in message
+    assert _run("torch._dynamo", TRITON_INTERPRET="1") == "ok"
+    assert _run("celib; import torch._dynamo") == "ok"
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if kernels.available() else []))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_loss_dtype_computes_in_float32_on_every_backend(backend, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(8, 1000) * 4).to(dtype)
+    t = torch.randint(0, 1000, (8,))
+    exact = F.cross_entropy(x.double(), t)
+    loss = celib.cross_entropy(x, t, backend=backend, loss_dtype=torch.float32)
+    assert loss.dtype == torch.float32
+    assert abs(loss.double() - exact) < 1e-6 * abs(exact)  # float32 accuracy, not the half dtype's
+    a = x.clone().requires_grad_(True)
+    celib.cross_entropy(a, t, backend=backend, loss_dtype=torch.float32).backward()
+    assert a.grad.dtype == dtype
