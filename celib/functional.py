@@ -306,6 +306,12 @@ def sigmoid_focal_loss(
     :math:`p_t = p y + (1-p)(1-y)` and :math:`\alpha_t = \alpha y + (1-\alpha)(1-y)`;
     ``alpha < 0`` drops the alpha factor. Note the default ``reduction="none"``.
 
+    The modulating factor is computed as :math:`\exp(\gamma \log(1 - p_t))` with
+    :math:`\log(1 - p_t)` from log-sigmoids, so the loss and its gradient stay
+    finite at any finite logit, for every ``gamma >= 0`` (torchvision's literal
+    ``(1 - p_t) ** gamma`` gives a nan gradient once :math:`p_t` rounds to 1 with
+    ``gamma < 1``). Targets get a gradient through the BCE term only.
+
     Args:
         inputs: logits, float, any shape.
         targets: same shape, 0/1 (or soft) labels.
@@ -313,10 +319,14 @@ def sigmoid_focal_loss(
     _check_elementwise(inputs, targets, reduction)
     if gamma < 0:
         raise InputError(f"gamma must be >= 0, got {gamma}.")
-    p = torch.sigmoid(inputs)
     ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
+    # (1 - p_t)^gamma as exp(gamma * log(1 - p_t)), with 1 - p_t = y sigma(-x) + (1 - y) sigma(x) in log
+    # form: finite, with a finite gradient, for every finite logit. The literal (1 - p_t) ** gamma is 0 when
+    # p_t rounds to 1, and its derivative gamma (1 - p_t)^(gamma - 1) is then inf for gamma < 1: 0 * inf = nan.
+    with torch.no_grad():
+        log_y, log_1my = torch.log(targets), torch.log1p(-targets)  # -inf for hard 0/1 labels: fine in logaddexp
+    log_1m_pt = torch.logaddexp(log_y + F.logsigmoid(-inputs), log_1my + F.logsigmoid(inputs))
+    loss = ce * torch.exp(gamma * log_1m_pt) if gamma else ce
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     if reduction == "mean":

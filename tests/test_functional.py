@@ -208,3 +208,27 @@ def test_modules_match_functional():
     assert torch.equal(celib.nn.BCEWithLogitsLoss(pos_weight=w)(x, y), torch.nn.BCEWithLogitsLoss(pos_weight=w)(x, y))
     assert torch.equal(celib.nn.FocalLoss(gamma=1.5, weight=w)(x, t), celib.focal_loss(x, t, 1.5, w))
     assert "weight" in dict(celib.nn.CrossEntropyLoss(w).named_buffers())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 2.0])
+def test_sigmoid_focal_loss_gradient_finite_at_large_logits(dtype, gamma):
+    """gamma < 1 with p_t rounding to 1 (|z| = 40): the literal (1 - p_t) ** gamma has an infinite derivative
+    there (nan gradient); celib's log form stays finite and matches the formula where that is finite."""
+    z = torch.tensor([40.0, -40.0, 3.0, -2.0, 0.5], dtype=dtype, requires_grad=True)
+    t = torch.tensor([1.0, 0.0, 1.0, 0.3, 0.0], dtype=dtype)
+    loss = celib.sigmoid_focal_loss(z, t, gamma=gamma, reduction="sum")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+    assert z.grad[:2].abs().max() < 1e-15  # confident and right: (almost) no push
+    z64 = z.detach()[2:].double().requires_grad_(True)
+    p = torch.sigmoid(z64)
+    t64 = t[2:].double()
+    p_t = p * t64 + (1 - p) * (1 - t64)
+    literal = F.binary_cross_entropy_with_logits(z64, t64, reduction="none") * (1 - p_t) ** gamma
+    literal = ((0.25 * t64 + 0.75 * (1 - t64)) * literal).sum()
+    literal.backward()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    # the two confident elements add less than 1e-15 to the loss: the rest is the literal formula's
+    torch.testing.assert_close(loss.detach().double(), literal.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(z.grad[2:].double(), z64.grad, rtol=tol, atol=tol)
