@@ -53,7 +53,7 @@ chromium:
 	fi
 
 # Re-execute every chapter in place from a fresh kernel (after changing celib). Cells that demonstrate an
-# error carry "# NBVAL_RAISES_EXCEPTION"; any other error output fails tests/test_notebooks.py.
+# error carry the raises-exception cell tag; any other error output fails tests/test_notebooks.py.
 notebooks: $(STAMP)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --allow-errors --ExecutePreprocessor.record_timing=False chapters/*.ipynb
 	$(BIN)/python -m pytest tests/test_notebooks.py -q  # catches any error output a cell did not declare

@@ -73,7 +73,6 @@ class Op:
 class Report:
     ops: list[Op] = field(default_factory=list)
     peak_bytes: int = 0
-    peak_at: tuple = ()  # (operators run before the peak, the live storages' sizes then)
 
     @property
     def seconds(self) -> float:
@@ -119,10 +118,7 @@ class Meter(TorchDispatchMode):
             ref = StorageWeakRef(storage)
             self.live.setdefault(ref.cdata, (ref, storage.nbytes()))
         self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
-        now = sum(n for _, n in self.live.values())
-        if now > self.report.peak_bytes:
-            self.report.peak_bytes = now
-            self.report.peak_at = (len(self.report.ops), sorted((n for _, n in self.live.values()), reverse=True))
+        self.report.peak_bytes = max(self.report.peak_bytes, sum(n for _, n in self.live.values()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -43,6 +43,21 @@ def _shard_offsets(local_classes: int, device: torch.device, group) -> tuple[int
     return sum(sizes[:rank]), sum(sizes)
 
 
+def _check_and_locate(target, rows_of, name, local_classes, group, ignore_index, reduction, label_smoothing,
+                      z_loss) -> tuple[int, int]:
+    """Check the target and options alike on every rank, then (offset of this shard, total classes)."""
+    if not isinstance(target, torch.Tensor) or not validate.is_index_target(target) or target.dim() != 1:
+        raise InputError("target must be a 1-D integer tensor of global class indices.")
+    if target.shape[0] != rows_of.shape[0]:
+        raise InputError(f"target has {target.shape[0]} rows but {name} has {rows_of.shape[0]}.")
+    validate.check_reduction(reduction)
+    validate.check_label_smoothing(label_smoothing)
+    validate.check_extras(z_loss, None)
+    offset, num_classes = _shard_offsets(local_classes, rows_of.device, group)
+    validate.check_target_range(target, num_classes, ignore_index)
+    return offset, num_classes
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_logits, target, offset, num_classes, ignore_index, reduction, smoothing, z_loss, group):
@@ -124,15 +139,8 @@ def vocab_parallel_cross_entropy(
     validate.check_floating("local_logits", local_logits)
     if local_logits.dim() != 2:
         raise InputError(f"local_logits must be (N, V_r), got shape {tuple(local_logits.shape)}.")
-    if not isinstance(target, torch.Tensor) or not validate.is_index_target(target) or target.dim() != 1:
-        raise InputError("target must be a 1-D integer tensor of global class indices.")
-    if target.shape[0] != local_logits.shape[0]:
-        raise InputError(f"target has {target.shape[0]} rows but local_logits has {local_logits.shape[0]}.")
-    validate.check_reduction(reduction)
-    validate.check_label_smoothing(label_smoothing)
-    validate.check_extras(z_loss, None)
-    offset, num_classes = _shard_offsets(local_logits.shape[1], local_logits.device, group)
-    validate.check_target_range(target, num_classes, ignore_index)
+    offset, num_classes = _check_and_locate(target, local_logits, "local_logits", local_logits.shape[1], group,
+                                            ignore_index, reduction, label_smoothing, z_loss)
     return _VocabParallelCrossEntropy.apply(local_logits, target.long(), offset, num_classes, ignore_index, reduction,
                                             float(label_smoothing), float(z_loss), group)
 
@@ -299,15 +307,8 @@ def vocab_parallel_linear_cross_entropy(
     if bias_shard is not None and tuple(bias_shard.shape) != (weight_shard.shape[0],):
         raise InputError(f"bias_shard must have shape ({weight_shard.shape[0]},), one entry per row of "
                          f"weight_shard; got {tuple(bias_shard.shape)}.")
-    if not isinstance(target, torch.Tensor) or not validate.is_index_target(target) or target.dim() != 1:
-        raise InputError("target must be a 1-D integer tensor of global class indices.")
-    if target.shape[0] != input.shape[0]:
-        raise InputError(f"target has {target.shape[0]} rows but input has {input.shape[0]}.")
-    validate.check_reduction(reduction)
-    validate.check_label_smoothing(label_smoothing)
-    validate.check_extras(z_loss, None)
-    offset, num_classes = _shard_offsets(weight_shard.shape[0], input.device, group)
-    validate.check_target_range(target, num_classes, ignore_index)
+    offset, num_classes = _check_and_locate(target, input, "input", weight_shard.shape[0], group, ignore_index,
+                                            reduction, label_smoothing, z_loss)
     rows = chunk_rows(input.shape[0], weight_shard.shape[0], chunk_size, dtype=input.dtype, device=input.device)
     return _VocabParallelLinearCrossEntropy.apply(input, weight_shard, bias_shard, target.long(), offset, num_classes,
                                                   ignore_index, reduction, float(label_smoothing), float(z_loss),

@@ -7,6 +7,7 @@ checks its loss and its shard's gradient against F.cross_entropy on the full log
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -156,10 +157,9 @@ def scenario_bad_target_raises_on_every_rank(rank: int, world: int) -> None:
     dist.barrier()  # every rank got here: none is waiting in a collective
 
 
-def scenario_communication_volume(rank: int, world: int) -> None:
-    """O(N) numbers per rank, never the logits: 1 all-gather of P sizes, all-reduces of N and 3 N numbers."""
-    from celib.distributed import vocab_parallel_cross_entropy
-
+@contextlib.contextmanager
+def _counting_collectives():
+    """Records (collective, numbers sent) of every all_reduce and all_gather inside the block."""
     moved = []
     real_all_reduce, real_all_gather = dist.all_reduce, dist.all_gather
 
@@ -173,12 +173,20 @@ def scenario_communication_volume(rank: int, world: int) -> None:
 
     dist.all_reduce, dist.all_gather = all_reduce, all_gather
     try:
+        yield moved
+    finally:
+        dist.all_reduce, dist.all_gather = real_all_reduce, real_all_gather
+
+
+def scenario_communication_volume(rank: int, world: int) -> None:
+    """O(N) numbers per rank, never the logits: 1 all-gather of P sizes, all-reduces of N and 3 N numbers."""
+    from celib.distributed import vocab_parallel_cross_entropy
+
+    with _counting_collectives() as moved:
         n, vocab = 64, 5000
         local = torch.randn(n, _shards(world, vocab)[rank], requires_grad=True)
         loss = vocab_parallel_cross_entropy(local, torch.randint(0, vocab, (n,)), label_smoothing=0.1)
         loss.backward()  # local: no communication
-    finally:
-        dist.all_reduce, dist.all_gather = real_all_reduce, real_all_gather
     assert moved == [("all_gather", world), ("all_reduce", n), ("all_reduce", 3 * n)], moved
 
 
@@ -244,26 +252,12 @@ def scenario_linear_communication_volume(rank: int, world: int) -> None:
     """Per chunk of n rows all-reduces of n and 3 n numbers; backward one all-reduce of dX, N x H numbers."""
     from celib.distributed import vocab_parallel_linear_cross_entropy
 
-    moved = []
-    real_all_reduce, real_all_gather = dist.all_reduce, dist.all_gather
-
-    def all_reduce(tensor, *args, **kwargs):
-        moved.append(("all_reduce", tensor.numel()))
-        return real_all_reduce(tensor, *args, **kwargs)
-
-    def all_gather(tensors, tensor, *args, **kwargs):
-        moved.append(("all_gather", tensor.numel() * len(tensors)))
-        return real_all_gather(tensors, tensor, *args, **kwargs)
-
-    dist.all_reduce, dist.all_gather = all_reduce, all_gather
-    try:
+    with _counting_collectives() as moved:
         n, h, vocab, rows = 48, 16, 5000, 32
         x = torch.randn(n, h, requires_grad=True)
         w = torch.randn(_shards(world, vocab)[rank], h, requires_grad=True)
         loss = vocab_parallel_linear_cross_entropy(x, w, torch.randint(0, vocab, (n,)), chunk_size=rows)
         loss.backward()
-    finally:
-        dist.all_reduce, dist.all_gather = real_all_reduce, real_all_gather
     chunks = [("all_reduce", 32), ("all_reduce", 96), ("all_reduce", 16), ("all_reduce", 48)]
     assert moved == [("all_gather", world)] + chunks + [("all_reduce", n * h)], moved
 

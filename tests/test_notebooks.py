@@ -31,9 +31,14 @@ def test_notebook_is_executed_in_order(path: pathlib.Path):
     assert counts == list(range(1, len(counts) + 1)), f"{path.name}: re-run it top to bottom from a fresh kernel"
     for cell in code:
         source = "".join(cell["source"])
+        tags = cell.get("metadata", {}).get("tags", [])
+        assert "NBVAL_RAISES_EXCEPTION" not in source, f"{path.name}: use the raises-exception cell tag"
         for out in cell.get("outputs", []):
             if out["output_type"] == "error":
-                assert "NBVAL_RAISES_EXCEPTION" in source, f"{path.name}: unexpected error output {out['ename']}"
+                assert "raises-exception" in tags, f"{path.name}: unexpected error output {out['ename']}"
+                shown = "".join(out.get("traceback", [])) + out.get("evalue", "")
+                assert str(ROOT) not in shown and "site-packages" not in shown, (
+                    f"{path.name}: a traceback shows a path of the machine that ran it")
             if out["output_type"] == "stream" and out["name"] == "stderr":
                 raise AssertionError(f"{path.name}: stderr output (a warning?) in a cell: {''.join(out['text'])[:200]}")
     assert sum(c["cell_type"] == "markdown" and "".join(c["source"]).startswith("# ") for c in nb["cells"]) == 1
