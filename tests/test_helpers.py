@@ -123,3 +123,25 @@ def test_import_celib_leaves_the_book_helpers_out():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_solutions_run_every_block_in_its_own_namespace(tmp_path):
+    from celib.book import solutions
+
+    def md(text):
+        return {"cell_type": "markdown", "metadata": {}, "source": [text]}
+
+    nb = {"cells": [
+        md("```{exercise} E\n:label: e\n```python\nnot run = 1\n```\n```"),
+        md("````{solution} e\n```python\nx = 2\nseen.append(x)\n```\n"
+           "```python\nassert x == 1\nseen.append(x)\n```\n````"),
+    ]}
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    seen = []
+    assert solutions.run(path, {"x": 1, "seen": seen}) == 2
+    assert seen == [2, 1]  # the second block did not see the first's x
+    nb["cells"][1]["source"] = ["````{solution} e\n```python\nassert x == 2\n```\n````"]
+    path.write_text(json.dumps(nb))
+    with pytest.raises(AssertionError):
+        solutions.run(path, {"x": 1})
