@@ -42,3 +42,27 @@ def test_notebook_is_executed_in_order(path: pathlib.Path):
             if out["output_type"] == "stream" and out["name"] == "stderr":
                 raise AssertionError(f"{path.name}: stderr output (a warning?) in a cell: {''.join(out['text'])[:200]}")
     assert sum(c["cell_type"] == "markdown" and "".join(c["source"]).startswith("# ") for c in nb["cells"]) == 1
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_drawing_code_is_hidden(path: pathlib.Path):
+    """A cell that draws a figure carries the hide-input tag: readers see the figure, not 40 lines of
+    Matplotlib (the computation the figure shows lives in a visible cell before it)."""
+    nb = json.loads(path.read_text())
+    shown = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+             and "plt.show()" in "".join(c["source"])
+             and "hide-input" not in c.get("metadata", {}).get("tags", [])]
+    assert not shown, f"{path.name}: cells {shown} draw a figure with their code shown"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_solutions_run_in_the_check_cell(path: pathlib.Path):
+    """Every chapter with solution code runs it through celib.book.solutions in a code cell."""
+    from celib.book import solutions
+
+    nb = json.loads(path.read_text())
+    if not solutions.blocks(path):
+        return
+    calls = [c for c in nb["cells"] if c["cell_type"] == "code"
+             and f'solutions.run("{path.name}", globals())' in "".join(c["source"])]
+    assert len(calls) == 1, f"{path.name}: its solutions' code is not run by a check cell"
