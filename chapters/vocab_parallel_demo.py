@@ -1,4 +1,4 @@
-"""Chapter 9's two-process run of celib.distributed.vocab_parallel_cross_entropy (gloo, on the CPU).
+"""Chapter 6's two-process run of celib.distributed.vocab_parallel_cross_entropy (gloo, on the CPU).
 
 Launched by the chapter as ``torchrun --standalone --nproc-per-node 2 chapters/vocab_parallel_demo.py``.
 Every rank builds the same logits from a seed, keeps its half of the vocabulary, and computes the loss;
