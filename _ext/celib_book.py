@@ -6,12 +6,19 @@
 - Thebe's scripts are dropped (no live kernels here).
 - The ``{penalty-of-confidence}`` directive inserts the self-contained widget
   from :func:`celib.book.widgets.penalty_of_confidence_html`, computed at build time.
+- The book carries its own source: ``_static/crossentropy-book-src.tar.gz``, made
+  at build time from the checkout (the files git tracks, or, built from an
+  unpacked archive, the same files found on disk), so a reader can run it.
+- The front page's title is the book's title once, not "title — title".
 """
 
 from __future__ import annotations
 
+import io
 import pathlib
 import shutil
+import subprocess
+import tarfile
 
 from docutils import nodes
 from sphinx.application import Sphinx
@@ -45,6 +52,50 @@ def _drop_thebe(app: Sphinx, pagename: str, templatename: str, context: dict, do
         ]
 
 
+SOURCE_ARCHIVE = "crossentropy-book-src.tar.gz"
+SOURCE_PREFIX = "crossentropy-book"
+# What an unpacked archive holds besides what git tracks: nothing generated, no environment.
+_NOT_SOURCE = {".git", ".venv", "_build", "__pycache__", ".ipynb_checkpoints", ".pytest_cache", "node_modules"}
+
+
+def source_files(root: pathlib.Path) -> list[str]:
+    """The book's source files, relative to ``root``: what git tracks in a checkout, or every file
+    outside the generated folders when ``root`` is an unpacked archive (no ``.git``)."""
+    if (root / ".git").exists():
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True)
+        return sorted(f for f in out.stdout.decode().split("\0") if f and (root / f).is_file())
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*")
+        if p.is_file() and not _NOT_SOURCE.intersection(p.relative_to(root).parts)
+        and not p.name.endswith((".pyc", ".egg-info"))
+    )
+
+
+def write_source_archive(root: pathlib.Path, target: pathlib.Path) -> int:
+    """Write the gzipped tar of :func:`source_files` under ``crossentropy-book/``; returns its size.
+    Entries carry fixed times and owners, so the same checkout gives the same archive."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for name in source_files(root):
+            info = tar.gettarinfo(str(root / name), arcname=f"{SOURCE_PREFIX}/{name}")
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            with open(root / name, "rb") as handle:
+                tar.addfile(info, handle)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(buffer.getvalue())
+    return target.stat().st_size
+
+
+def _write_source(app: Sphinx, exception: Exception | None) -> None:
+    if exception is None and app.builder.format == "html":
+        write_source_archive(pathlib.Path(app.srcdir), pathlib.Path(app.outdir) / "_static" / SOURCE_ARCHIVE)
+
+
+def _title_once(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    if pagename == app.config.root_doc:
+        context["titlesuffix"] = ""
+
+
 class PenaltyOfConfidence(SphinxDirective):
     """``{penalty-of-confidence}``: the interactive loss-vs-probability figure."""
 
@@ -60,6 +111,8 @@ def setup(app: Sphinx) -> dict:
     _mathjax_source()  # fail early, with a clear message, if MathJax is missing
     app.connect("config-inited", lambda app, config: setattr(config, "mathjax_path", f"{MATHJAX_DIR}/tex-svg.js"))
     app.connect("build-finished", _copy_mathjax)
+    app.connect("build-finished", _write_source)
     app.connect("html-page-context", _drop_thebe)
+    app.connect("html-page-context", _title_once)
     app.add_directive("penalty-of-confidence", PenaltyOfConfidence)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
