@@ -91,9 +91,17 @@ def _write_source(app: Sphinx, exception: Exception | None) -> None:
         write_source_archive(pathlib.Path(app.srcdir), pathlib.Path(app.outdir) / "_static" / SOURCE_ARCHIVE)
 
 
-def _title_once(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
-    if pagename == app.config.root_doc:
-        context["titlesuffix"] = ""
+def _title_once(app: Sphinx, exception: Exception | None) -> None:
+    """A page titled like the book (the front page) is not titled "book — book": Sphinx's layout adds
+    " — <book title>" in the template itself, so the written page is corrected."""
+    if exception is not None or app.builder.format != "html":
+        return
+    book = app.config.html_title
+    doubled = f"<title>{book} &#8212; {book}</title>"
+    for page in pathlib.Path(app.outdir).glob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        if doubled in text:
+            page.write_text(text.replace(doubled, f"<title>{book}</title>"), encoding="utf-8")
 
 
 class PenaltyOfConfidence(SphinxDirective):
@@ -113,6 +121,6 @@ def setup(app: Sphinx) -> dict:
     app.connect("build-finished", _copy_mathjax)
     app.connect("build-finished", _write_source)
     app.connect("html-page-context", _drop_thebe)
-    app.connect("html-page-context", _title_once)
+    app.connect("build-finished", _title_once)
     app.add_directive("penalty-of-confidence", PenaltyOfConfidence)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

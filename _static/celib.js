@@ -46,7 +46,8 @@
   /* 3. Search results: Sphinx builds each snippet from the page's text, raw TeX and the page's contents
      list included. Math, navigation and hidden code are dropped from the text before the snippet is cut. */
   function cleanSearch() {
-    if (!window.Search || !Search.htmlToText || Search.htmlToText.celib) return;
+    // searchtools.js declares Search with const: a global binding, not a property of window
+    if (typeof Search === "undefined" || !Search.htmlToText || Search.htmlToText.celib) return;
     const original = Search.htmlToText;
     Search.htmlToText = function (htmlString, anchor) {
       const doc = new DOMParser().parseFromString(htmlString, "text/html");

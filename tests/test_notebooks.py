@@ -66,3 +66,17 @@ def test_solutions_run_in_the_check_cell(path: pathlib.Path):
     calls = [c for c in nb["cells"] if c["cell_type"] == "code"
              and f'solutions.run("{path.name}", globals())' in "".join(c["source"])]
     assert len(calls) == 1, f"{path.name}: its solutions' code is not run by a check cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_machine_paths_in_stored_outputs(path: pathlib.Path):
+    """No stored output (printed text, values, tracebacks) shows a path of the machine that ran it."""
+    nb = json.loads(path.read_text())
+    markers = (str(ROOT), "site-packages", "/.venv/", "/home/", "/root/", "/tmp/")
+    for index, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            texts = ["".join(out.get("text", "")), "".join(out.get("traceback", [])), out.get("evalue", "")]
+            texts += ["".join(v) for k, v in out.get("data", {}).items() if k.startswith("text/")]
+            for text in texts:
+                found = [m for m in markers if m in text]
+                assert not found, f"{path.name}, cell {index}: an output shows {found}"

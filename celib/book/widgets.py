@@ -56,35 +56,47 @@ def penalty_of_confidence_html(element_id: str = "penalty-of-confidence") -> str
     start = 59  # p = 0.60
     i = html.escape(element_id)
 
+    style = f"""<style>
+#{i} {{ --w-fg: var(--pst-color-text-base, #222); --w-bg: var(--pst-color-surface, #fff);
+  --w-curve: #1f5fa8; --w-mark: #e07b00; --w-marker: #b8322a; --w-guide: #7f7f7f;
+  background: var(--w-bg); color: var(--w-fg); padding: 0.5em; max-width: 680px; }}
+html[data-theme="dark"] #{i} {{ --w-curve: #7fb2ff; --w-mark: #ffad4d; --w-marker: #ff7a70; --w-guide: #a0a0a0; }}
+#{i} svg {{ font: 13px sans-serif; fill: currentColor; }}
+#{i} svg line.axis {{ stroke: currentColor; }}
+#{i} input[type=range] {{ width: 100%; height: 32px; margin: 0; accent-color: var(--w-curve); }}
+#{i} figcaption {{ color: var(--w-fg); }}
+@media (max-width: 600px) {{ #{i} svg {{ font-size: 22px; }} }}
+</style>"""
     ticks = []
     for t in np.arange(0, 1.01, 0.2):
         x, _ = _svg_xy(np.array(t), np.array(0.0), y_max)
-        ticks.append(f'<line x1="{x:.1f}" y1="320" x2="{x:.1f}" y2="326" stroke="#333"/>'
+        ticks.append(f'<line x1="{x:.1f}" y1="320" x2="{x:.1f}" y2="326" class="axis"/>'
                      f'<text x="{x:.1f}" y="342" text-anchor="middle">{t:.1f}</text>')
     for t in range(0, 6):
         _, y = _svg_xy(np.array(0.0), np.array(float(t)), y_max)
-        ticks.append(f'<line x1="54" y1="{y:.1f}" x2="60" y2="{y:.1f}" stroke="#333"/>'
+        ticks.append(f'<line x1="54" y1="{y:.1f}" x2="60" y2="{y:.1f}" class="axis"/>'
                      f'<text x="48" y="{y + 4:.1f}" text-anchor="end">{t}</text>')
     labels = []
     for p, v, x, y in zip(marks, mark_loss, mark_x, mark_y):
         anchor, dx = ("end", -8) if p > 0.5 else ("start", 8)
-        labels.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#e07b00"/>'
+        labels.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" style="fill: var(--w-mark)"/>'
                       f'<text x="{x + dx:.1f}" y="{y - 8:.1f}" text-anchor="{anchor}">p = {p:g}: {v:.2f}</text>')
 
-    return f"""<figure class="celib-widget" id="{i}" style="background:#fff;color:#222;padding:0.5em;max-width:680px">
-<svg viewBox="0 0 640 380" width="100%" role="img" aria-label="Loss minus log p of the true class against the predicted probability p; the loss grows without bound as p goes to 0" style="font:13px sans-serif;background:#fff">
-<line x1="60" y1="320" x2="620" y2="320" stroke="#333"/><line x1="60" y1="20" x2="60" y2="320" stroke="#333"/>
+    return f"""<figure class="celib-widget" id="{i}">
+{style}
+<svg viewBox="0 0 640 380" width="100%" role="img" aria-label="Loss minus log p of the true class against the predicted probability p; the loss grows without bound as p goes to 0">
+<line class="axis" x1="60" y1="320" x2="620" y2="320"/><line class="axis" x1="60" y1="20" x2="60" y2="320"/>
 {''.join(ticks)}
 <text x="340" y="372" text-anchor="middle">predicted probability p of the true class</text>
 <text x="16" y="170" text-anchor="middle" transform="rotate(-90 16 170)">loss −log p (nats)</text>
-<path d="{path}" fill="none" stroke="#1f5fa8" stroke-width="2.5"/>
+<path d="{path}" fill="none" style="stroke: var(--w-curve)" stroke-width="2.5"/>
 {''.join(labels)}
-<line class="guide" x1="{data['x'][start]}" y1="320" x2="{data['x'][start]}" y2="{data['y'][start]}" stroke="#7f7f7f" stroke-dasharray="4 3"/>
-<circle class="marker" cx="{data['x'][start]}" cy="{data['y'][start]}" r="7" fill="none" stroke="#b8322a" stroke-width="3"/>
+<line class="guide" x1="{data['x'][start]}" y1="320" x2="{data['x'][start]}" y2="{data['y'][start]}" style="stroke: var(--w-guide)" stroke-dasharray="4 3"/>
+<circle class="marker" cx="{data['x'][start]}" cy="{data['y'][start]}" r="7" fill="none" style="stroke: var(--w-marker)" stroke-width="3"/>
 </svg>
 <div style="margin:0.3em 0">
 <label for="{i}-slider">Move the prediction from confident and wrong (left) to confident and right (right):</label><br/>
-<input type="range" id="{i}-slider" class="slider" min="0" max="99" step="1" value="{start}" style="width:100%" aria-label="predicted probability of the true class"/>
+<input type="range" id="{i}-slider" class="slider" min="0" max="99" step="1" value="{start}" aria-label="predicted probability of the true class"/>
 </div>
 <p style="margin:0">p = <output class="p-value">{data['p'][start]}</output>, loss = <output class="loss-value">{data['loss'][start]}</output> nats</p>
 <figcaption>The penalty of confidence: the cross-entropy loss of one example is −log p, where p is the probability the model gives the true class. Marked: p = 0.99, 0.6, 0.1 and 0.01.</figcaption>

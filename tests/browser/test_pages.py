@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
+import pathlib
+import re
+import tarfile
 import time
 import urllib.request
 from urllib.parse import urlparse
@@ -16,6 +21,9 @@ from tests.browser.conftest import SCREENSHOTS, toc_pages
 
 PAGES = toc_pages()
 NETWORK_SCHEMES = ("http", "https", "ws", "wss", "ftp")
+OVERFLOW_JS = (pathlib.Path(__file__).parent / "overflow.js").read_text()
+TITLE = "Cross-Entropy, Executed"
+FIGURE_DPI = 150  # celib.book.plot's figure.dpi
 
 
 def _foreign(urls: list[str]) -> list[str]:
@@ -44,6 +52,23 @@ def _load(driver, url: str) -> None:
             MathJax.startup.promise.then(() => done(true), () => done(false));
         } else { done(true); }"""
     )
+
+
+@contextlib.contextmanager
+def _viewport(driver, width: int, height: int = 844):
+    """Emulate a window of ``width`` CSS px (a phone, with touch and its viewport, below 500 px)."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 500})
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def _set_mode(driver, mode: str) -> None:
+    """Light or dark, as the theme's switch sets it."""
+    driver.execute_script("document.documentElement.dataset.theme = arguments[0];"
+                          "document.documentElement.dataset.mode = arguments[0];", mode)
 
 
 def _screenshot(driver, name: str) -> None:
@@ -113,6 +138,13 @@ def test_page(browser, site, page):
     assert broken == [], f"{page}: images failed to load: {broken}"
     unlabelled = [i["src"][-60:] for i in images if not i["alt"] and not i["caption"]]
     assert unlabelled == [], f"{page}: images without alt text or caption: {unlabelled}"
+    file_names = [i["alt"] for i in images
+                  if re.search(r"\.(png|svg|jpe?g|gif)$|_images/|^[0-9a-f]{16,}", i["alt"]) or len(i["alt"]) < 20]
+    assert file_names == [], f"{page}: alt text that is a file name, or too short to describe a figure: {file_names}"
+    figures = browser.execute_script(
+        "return Array.from(document.querySelectorAll('main div.cell_output img')).filter("
+        "img => !(img.closest('figure') && img.closest('figure').querySelector('figcaption'))).length;")
+    assert figures == 0, f"{page}: {figures} figure(s) without a caption"
 
     # Notebook pages offer their .ipynb, and the link works.
     if page.startswith("chapters/"):
@@ -121,6 +153,17 @@ def test_page(browser, site, page):
         with urllib.request.urlopen(links[0]) as response:
             notebook = json.loads(response.read())
         assert notebook["nbformat"] == 4 and notebook["cells"]
+        # ... and the book's source, next to it in the same menu
+        source = browser.find_elements(By.CSS_SELECTOR, ".dropdown-download-buttons a.celib-source")
+        assert source, f"{page}: the download menu does not offer the book's source"
+        assert source[0].get_attribute("href") == f"{site}/_static/crossentropy-book-src.tar.gz"
+
+    # The page title names the page, then the book, once.
+    title = browser.title
+    if page == "intro":
+        assert title == TITLE, title
+    else:
+        assert title.endswith(f" — {TITLE}") and title.count(TITLE) == 1, title
 
     _screenshot(browser, page)
 
@@ -178,3 +221,152 @@ def test_search_works_offline(browser, site):
     assert results, "search for 'entropy' found nothing"
     _, urls = _drain_logs(browser)
     assert _foreign(urls) == []
+
+
+WIDTHS = (390, 1280)
+
+
+@pytest.mark.parametrize("mode", ("light", "dark"))
+@pytest.mark.parametrize("width", WIDTHS)
+def test_pages_fit_their_column(browser, site, width, mode):
+    """No text, code, equation, table or figure wider than its column unless it sits in a scroll box;
+    on a laptop no equation needs to scroll at all; on a phone every figure keeps at least 55 CSS px per
+    inch of its Matplotlib size (12-point text about 9 px tall) and a wide one scrolls."""
+    problems = {}
+    with _viewport(browser, width):
+        for page in PAGES:
+            _load(browser, f"{site}/{page}.html")
+            _set_mode(browser, mode)
+            time.sleep(0.2)  # images decoded, the page's script run
+            found = browser.execute_script(OVERFLOW_JS)
+            if width >= 1024:
+                found += browser.execute_script(
+                    "return Array.from(document.querySelectorAll('main div.math')).filter("
+                    "d => d.scrollWidth > d.clientWidth + 1).map(d => 'equation scrolls: ' + "
+                    "d.textContent.trim().slice(0, 50));")
+            else:
+                per_inch = browser.execute_script(
+                    "return Array.from(document.querySelectorAll('main div.cell_output img')).map("
+                    "img => [img.getBoundingClientRect().width / (img.naturalWidth / arguments[0]), "
+                    "img.currentSrc.slice(-30)]);", FIGURE_DPI)
+                found += [f"figure at {px:.0f} px per inch: {src}" for px, src in per_inch if px < 54.5]
+            if found:
+                problems[page] = found[:8]
+            if page in ("intro", "chapters/03_binary_cross_entropy", "chapters/05_fused_kernel") and width < 500:
+                _screenshot(browser, f"{page}-{width}-{mode}")
+    assert problems == {}, f"at {width} px, {mode}: {problems}"
+
+
+SIDEBAR_STATE = """
+const side = document.getElementById('pst-primary-sidebar');
+const drawer = document.getElementById('pst-primary-sidebar-modal');
+const contents = document.getElementById('pst-secondary-sidebar-modal');
+return {inline: getComputedStyle(side).display !== 'none' && side.getBoundingClientRect().width > 0,
+        drawer: !!(drawer && drawer.open), contents: !!(contents && contents.open)};
+"""
+
+
+def _visible(browser, selector: str):
+    buttons = [b for b in browser.find_elements(By.CSS_SELECTOR, selector) if b.is_displayed()]
+    assert buttons, f"no visible {selector}"
+    return buttons[0]
+
+
+@pytest.mark.parametrize("width", (390, 1024, 1280))
+def test_sidebar_buttons_open_and_close(browser, site, width):
+    """The menu button opens the navigation drawer on a phone and collapses / restores the sidebar on a
+    wide window; the contents button opens the page's contents where it is shown."""
+    with _viewport(browser, width, 900):
+        _load(browser, f"{site}/chapters/03_binary_cross_entropy.html")
+        state = lambda: browser.execute_script(SIDEBAR_STATE)  # noqa: E731
+        if width < 960:
+            assert not state()["drawer"]
+            _visible(browser, ".primary-toggle").click()
+            time.sleep(0.3)
+            assert state()["drawer"], "the menu button did not open the navigation drawer"
+            links = browser.execute_script(
+                "return document.querySelectorAll('#pst-primary-sidebar-modal nav.bd-links a').length;")
+            assert links >= len(PAGES) - 1, "the drawer does not hold the table of contents"
+            browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+            browser.execute_script("const d = document.getElementById('pst-primary-sidebar-modal');"
+                                   "if (d.open) d.close();")
+            time.sleep(0.2)
+            assert not state()["drawer"]
+        else:
+            assert state()["inline"]
+            _visible(browser, ".primary-toggle").click()
+            time.sleep(0.2)
+            assert not state()["inline"], "the menu button did not hide the sidebar"
+            _visible(browser, ".primary-toggle").click()
+            time.sleep(0.2)
+            assert state()["inline"], "the menu button did not bring the sidebar back"
+        contents = [b for b in browser.find_elements(By.CSS_SELECTOR, ".secondary-toggle") if b.is_displayed()]
+        if width < 1200:
+            assert contents, "no contents button where the page's contents are not shown"
+            contents[0].click()
+            time.sleep(0.3)
+            assert state()["contents"], "the contents button did not open the page's contents"
+
+
+def test_search_snippets_and_one_field(browser, site):
+    """Result snippets quote the text around the match, with no raw TeX and no navigation; a page has one
+    search field (the header's button)."""
+    _load(browser, f"{site}/chapters/01_definition.html")
+    fields = browser.execute_script(
+        "return Array.from(document.querySelectorAll('input[type=search], .search-button-field'))"
+        ".filter(e => e.offsetParent !== null).length;")
+    assert fields == 1, f"{fields} search fields on a chapter page"
+    browser.get(f"{site}/search.html?q=perplexity")
+    deadline, snippets = time.time() + 30, []
+    while time.time() < deadline and not snippets:
+        snippets = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "#search-results li p.context")]
+        time.sleep(0.3)
+    assert snippets, "no search snippets for 'perplexity'"
+    for snippet in snippets:
+        for raw in ("\\(", "\\)", "\\[", "$$", "\\log", "\\frac"):
+            assert raw not in snippet, f"raw TeX {raw!r} in a search snippet: {snippet[:120]}"
+        assert "What you will be able to do" not in snippet[:40] and not snippet.startswith("Contents")
+    assert any("perplexity" in s.lower() for s in snippets), snippets
+
+
+def test_index_and_source_are_reachable(browser, site):
+    _load(browser, f"{site}/intro.html")
+    index = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "main a[href$='genindex.html']")]
+    assert index, "the intro does not link the index"
+    _load(browser, index[0])
+    assert browser.find_elements(By.CSS_SELECTOR, "main h1"), "the index page did not load"
+    _load(browser, f"{site}/intro.html")
+    archive = browser.find_element(By.CSS_SELECTOR, "main a[href$='crossentropy-book-src.tar.gz']")
+    with urllib.request.urlopen(archive.get_attribute("href")) as response:
+        data = response.read()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        names = set(tar.getnames())
+    for needed in ("Makefile", "pyproject.toml", "constraints.txt", "celib/__init__.py",
+                   "chapters/01_definition.ipynb", "_config.yml"):
+        assert f"crossentropy-book/{needed}" in names, needed
+    assert not any("/.venv/" in n or "/_build/" in n for n in names)
+
+
+def test_slider_follows_the_theme_and_fits_a_phone(browser, site):
+    with _viewport(browser, 390):
+        _load(browser, f"{site}/intro.html")
+        _set_mode(browser, "dark")
+        time.sleep(0.2)
+        facts = browser.execute_script("""
+            const w = document.getElementById('penalty-of-confidence');
+            const svg = w.querySelector('svg'), slider = w.querySelector('input[type=range]');
+            const scale = svg.getBoundingClientRect().width / 640;
+            const sizes = Array.from(svg.querySelectorAll('text')).map(t => parseFloat(getComputedStyle(t).fontSize) * scale);
+            const rgb = (c) => c.match(/[0-9.]+/g).slice(0, 3).map(Number);
+            return {smallest: Math.min(...sizes), slider: slider.getBoundingClientRect().height,
+                    caption: rgb(getComputedStyle(w.querySelector('figcaption')).color),
+                    background: rgb(getComputedStyle(w).backgroundColor)};""")
+    def luminance(rgb):
+        channel = [(c / 255) / 12.92 if c / 255 <= 0.03928 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * channel[0] + 0.7152 * channel[1] + 0.0722 * channel[2]
+    light, dark = sorted((luminance(facts["caption"]), luminance(facts["background"])), reverse=True)
+    contrast = (light + 0.05) / (dark + 0.05)
+    assert luminance(facts["background"]) < 0.2, f"the widget stays light in dark mode: {facts}"
+    assert contrast >= 4.5, f"caption contrast {contrast:.1f} in dark mode"
+    assert facts["smallest"] >= 11, f"smallest label {facts['smallest']:.1f} px on a phone"
+    assert facts["slider"] >= 24, f"slider {facts['slider']:.0f} px tall"
