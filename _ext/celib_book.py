@@ -10,6 +10,8 @@
   at build time from the checkout (the files git tracks, or, built from an
   unpacked archive, the same files found on disk), so a reader can run it.
 - The front page's title is the book's title once, not "title — title".
+- The reference list is labelled author-year, as the citations in the text are
+  ("[Cover and Thomas, 2006]" in both), with each entry's DOI, arXiv id or URL.
 """
 
 from __future__ import annotations
@@ -50,6 +52,46 @@ def _drop_thebe(app: Sphinx, pagename: str, templatename: str, context: dict, do
             js for js in context["script_files"]
             if "thebe" not in (getattr(js, "filename", None) or str(js)) and "THEBE_JS_URL" not in js.attributes.get("body", "")
         ]
+
+
+def _register_author_year_style() -> None:
+    """A pybtex style ``celib_author_year``: the unsrt formatting (which prints DOIs, arXiv ids and
+    URLs), sorted by author and year, with labels written the way sphinxcontrib-bibtex's author_year
+    citations are: "Last", "Last and Other", "Last et al." (three or more), then ", year"."""
+    from pybtex.plugin import register_plugin
+    from pybtex.style.formatting.unsrt import Style as Unsrt
+    from pybtex.style.labels import BaseLabelStyle
+
+    import codecs
+
+    import latexcodec  # noqa: F401  (pybtex's dependency; registers the "ulatex" codec)
+
+    def last(person) -> str:  # M{\\"u}ller -> Müller, {Hugging Face} -> Hugging Face
+        return codecs.decode(" ".join(person.last_names), "ulatex").replace("{", "").replace("}", "")
+
+    class AuthorYearLabels(BaseLabelStyle):
+        def format_labels(self, sorted_entries):
+            for entry in sorted_entries:
+                people = entry.persons.get("author") or entry.persons.get("editor") or []
+                listed = [p for p in people if last(p) != "others"]  # "and others" in the .bib
+                if len(listed) < len(people):
+                    people = listed + [None, None]  # et al.
+                if len(people) >= 3:
+                    names = f"{last(people[0])} et al."
+                elif len(people) == 2:
+                    names = f"{last(people[0])} and {last(people[1])}"
+                elif people:
+                    names = last(people[0])
+                else:
+                    names = entry.fields.get("key", entry.key)
+                yield f"{names}, {entry.fields.get('year', 'n.d.')}"
+
+    class AuthorYearStyle(Unsrt):
+        default_label_style = "celib_author_year"
+        default_sorting_style = "author_year_title"
+
+    register_plugin("pybtex.style.labels", "celib_author_year", AuthorYearLabels, force=True)
+    register_plugin("pybtex.style.formatting", "celib_author_year", AuthorYearStyle, force=True)
 
 
 SOURCE_ARCHIVE = "crossentropy-book-src.tar.gz"
@@ -117,6 +159,7 @@ class PenaltyOfConfidence(SphinxDirective):
 
 def setup(app: Sphinx) -> dict:
     _mathjax_source()  # fail early, with a clear message, if MathJax is missing
+    _register_author_year_style()
     app.connect("config-inited", lambda app, config: setattr(config, "mathjax_path", f"{MATHJAX_DIR}/tex-svg.js"))
     app.connect("build-finished", _copy_mathjax)
     app.connect("build-finished", _write_source)

@@ -370,3 +370,24 @@ def test_slider_follows_the_theme_and_fits_a_phone(browser, site):
     assert contrast >= 4.5, f"caption contrast {contrast:.1f} in dark mode"
     assert facts["smallest"] >= 11, f"smallest label {facts['smallest']:.1f} px on a phone"
     assert facts["slider"] >= 24, f"slider {facts['slider']:.0f} px tall"
+
+
+def test_citations_use_the_labels_of_the_reference_list(browser, site):
+    """A citation reads "[Cover and Thomas, 2006]" in the text and the list labels the entry the same way;
+    every entry with an identifier links it (DOI, arXiv or URL)."""
+    _load(browser, f"{site}/bibliography.html")
+    labels = browser.execute_script(
+        "return Array.from(document.querySelectorAll('main div.citation span.label, main .citation .label'))"
+        ".map(l => l.textContent.replace(/[\\[\\]]/g, '').trim());")
+    assert labels and all(re.fullmatch(r".+, (19|20)\d\d[a-z]?", label) for label in labels), labels
+    links = browser.execute_script(
+        "return Array.from(document.querySelectorAll('main div.citation')).map(c => c.querySelectorAll('a[href^=\"http\"]').length);")
+    assert min(links) >= 1, "a reference without a DOI, arXiv id or URL"
+    cited = set()
+    for page in PAGES:
+        _load(browser, f"{site}/{page}.html")
+        cited |= set(browser.execute_script(
+            "return Array.from(document.querySelectorAll('main a[href*=\"bibliography.html#\"]'))"
+            ".map(a => a.textContent.trim()).filter(t => /, (19|20)\\d\\d/.test(t));"))
+    assert cited, "no parenthetical citation found"
+    assert cited <= set(labels), f"citations whose label is not in the list: {sorted(cited - set(labels))}"
