@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := book,test,triton
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: book test unit nbval portability build-strict browser chromium notebooks bench clean
+.PHONY: book test unit nbval portability build-strict browser chromium pdf texlive notebooks bench clean
 
 # (Re)install only when the dependency declarations change.
 $(STAMP): pyproject.toml constraints.txt
@@ -23,7 +23,7 @@ book: $(STAMP)
 test: unit nbval portability build-strict browser
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests --ignore=tests/browser -q
+	$(BIN)/python -m pytest tests --ignore=tests/browser --ignore=tests/pdf -q
 
 nbval: $(STAMP)
 	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with .nbval-sanitize.cfg chapters -q
@@ -49,6 +49,28 @@ chromium:
 	    echo "chromium is missing and this user cannot install it: sudo apt-get install chromium chromium-driver" >&2; \
 	  else \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  fi; \
+	fi
+
+# The whole book as one PDF (Jupyter Book's LaTeX builder, xelatex from Debian's TeX Live, installed below
+# the way Chromium is), checked (tests/pdf), then linked from the HTML pages. CI runs it after make test.
+pdf: $(STAMP) texlive
+	rm -rf _build/latex
+	$(BIN)/jupyter-book build --quiet . --builder pdflatex
+	$(BIN)/python -m pytest tests/pdf -q
+	$(BIN)/jupyter-book build --quiet --all .  # the HTML pages again, linking the PDF (_ext/celib_book.py)
+	$(BIN)/python -m pytest tests/browser -q -k reachable
+	@echo "The PDF: $(CURDIR)/_build/latex/book.pdf"
+
+TEXLIVE_PACKAGES := texlive-latex-recommended texlive-latex-extra texlive-xetex texlive-fonts-recommended \
+	latexmk fonts-freefont-otf lmodern tex-gyre poppler-utils
+texlive:
+	@if ! command -v xelatex >/dev/null || ! command -v latexmk >/dev/null || ! command -v pdftoppm >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo"; else SUDO="none"; fi; \
+	  if [ "$$SUDO" = none ]; then \
+	    echo "TeX Live is missing and this user cannot install it: sudo apt-get install $(TEXLIVE_PACKAGES)" >&2; exit 1; \
+	  else \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(TEXLIVE_PACKAGES) >/dev/null; \
 	  fi; \
 	fi
 

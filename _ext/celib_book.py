@@ -10,6 +10,8 @@
   at build time from the checkout (the files git tracks, or, built from an
   unpacked archive, the same files found on disk), so a reader can run it.
 - The front page's title is the book's title once, not "title — title".
+- In the PDF (the LaTeX builder) the code of cells tagged ``hide-input`` is left out, as the HTML
+  book folds it away: the figure stays, the forty lines of Matplotlib go.
 - The reference list is labelled author-year, as the citations in the text are
   ("[Cover and Thomas, 2006]" in both), with each entry's DOI, arXiv id or URL.
 """
@@ -133,6 +135,37 @@ def _write_source(app: Sphinx, exception: Exception | None) -> None:
         write_source_archive(pathlib.Path(app.srcdir), pathlib.Path(app.outdir) / "_static" / SOURCE_ARCHIVE)
 
 
+BOOK_PDF = "crossentropy-book.pdf"
+
+
+def _latex_pdf(app: Sphinx) -> pathlib.Path:
+    """Where `make pdf` leaves the LaTeX builder's PDF."""
+    return pathlib.Path(app.srcdir) / "_build" / "latex" / "book.pdf"
+
+
+def _mark_pdf(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    if app.builder.format == "html" and _latex_pdf(app).is_file():
+        context["metatags"] = context.get("metatags", "") + '<meta name="celib-book-pdf" content="yes">\n'
+
+
+def _copy_or_unlink_pdf(app: Sphinx, exception: Exception | None) -> None:
+    """Copy the PDF next to the pages; where there is none, the intro's link becomes plain text (no dead
+    link in a book built without TeX Live)."""
+    if exception is not None or app.builder.format != "html":
+        return
+    out = pathlib.Path(app.outdir)
+    if _latex_pdf(app).is_file():
+        (out / "_static").mkdir(exist_ok=True)
+        shutil.copyfile(_latex_pdf(app), out / "_static" / BOOK_PDF)
+        return
+    for page in out.glob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        link = f'<a class="celib-pdf" href="_static/{BOOK_PDF}">{BOOK_PDF}</a>'
+        if link in text:
+            page.write_text(text.replace(link, f"{BOOK_PDF} (not built with this copy of the book: "
+                                               "<code>make pdf</code> makes it)"), encoding="utf-8")
+
+
 def _title_once(app: Sphinx, exception: Exception | None) -> None:
     """A page titled like the book (the front page) is not titled "book — book": Sphinx's layout adds
     " — <book title>" in the template itself, so the written page is corrected."""
@@ -144,6 +177,24 @@ def _title_once(app: Sphinx, exception: Exception | None) -> None:
         text = page.read_text(encoding="utf-8")
         if doubled in text:
             page.write_text(text.replace(doubled, f"<title>{book}</title>"), encoding="utf-8")
+
+
+def _latex_stand_ins(app: Sphinx, config) -> None:
+    stand_in = str(pathlib.Path(__file__).parent / "latex" / "bbm.sty")
+    if stand_in not in config.latex_additional_files:
+        config.latex_additional_files = [*config.latex_additional_files, stand_in]
+
+
+def _drop_hidden_input(app: Sphinx, doctree, docname: str) -> None:
+    """LaTeX only: remove the input of every cell tagged hide-input (and remove-input)."""
+    if app.builder.format != "latex":
+        return
+    for cell in list(doctree.findall(nodes.container)):
+        classes = cell.get("classes", [])
+        if "cell" in classes and ("tag_hide-input" in classes or "tag_remove-input" in classes):
+            for child in list(cell.children):
+                if isinstance(child, nodes.container) and "cell_input" in child.get("classes", []):
+                    cell.remove(child)
 
 
 class PenaltyOfConfidence(SphinxDirective):
@@ -165,5 +216,11 @@ def setup(app: Sphinx) -> dict:
     app.connect("build-finished", _write_source)
     app.connect("html-page-context", _drop_thebe)
     app.connect("build-finished", _title_once)
+    app.connect("build-finished", _copy_or_unlink_pdf)
+    app.connect("html-page-context", _mark_pdf)
+    app.connect("doctree-resolved", _drop_hidden_input)
+    # Jupyter Book's LaTeX class loads bbm, a package only in TeX Live's 1.4 GB fonts-extra, for macros the
+    # book never uses: a three-line stand-in (_ext/latex/bbm.sty) travels with the LaTeX sources.
+    app.connect("config-inited", _latex_stand_ins)
     app.add_directive("penalty-of-confidence", PenaltyOfConfidence)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

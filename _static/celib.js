@@ -72,12 +72,27 @@
     menu.appendChild(item);
   }
 
+  /* 5. The whole-book PDF, in the download menu, where the build found one (`make pdf`; see
+     _ext/celib_book.py, which marks such pages with <meta name="celib-book-pdf">). */
+  function bookPdf() {
+    if (!document.querySelector('meta[name="celib-book-pdf"]')) return;
+    const root = document.documentElement.dataset.content_root || "";
+    const menu = document.querySelector(".dropdown-download-buttons ul");
+    if (!menu || menu.querySelector(".celib-book-pdf")) return;
+    const item = document.createElement("li");
+    item.innerHTML = '<a href="' + root + '_static/crossentropy-book.pdf" class="btn btn-sm dropdown-item ' +
+      'celib-book-pdf"><span class="btn__icon-container"><i class="fas fa-file-pdf"></i></span>' +
+      '<span class="btn__text-container">whole book (.pdf)</span></a>';
+    menu.appendChild(item);
+  }
+
   function ready() {
     route(".primary-toggle", "celib-primary-collapsed");
     route(".secondary-toggle", null);
     sizeFigures();
     cleanSearch();
     sourceDownload();
+    bookPdf();
   }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", ready);
   else ready();

@@ -17,7 +17,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from tests.browser.conftest import SCREENSHOTS, toc_pages
+from tests.browser.conftest import HTML, SCREENSHOTS, toc_pages
 
 PAGES = toc_pages()
 NETWORK_SCHEMES = ("http", "https", "ws", "wss", "ftp")
@@ -336,6 +336,14 @@ def test_index_and_source_are_reachable(browser, site):
     _load(browser, index[0])
     assert browser.find_elements(By.CSS_SELECTOR, "main h1"), "the index page did not load"
     _load(browser, f"{site}/intro.html")
+    built = (HTML / "_static" / "crossentropy-book.pdf").is_file()
+    pdf_links = browser.find_elements(By.CSS_SELECTOR, "main a.celib-pdf")
+    if built:  # make pdf ran: the link works and the download menu offers the PDF
+        assert pdf_links and browser.find_elements(By.CSS_SELECTOR, ".dropdown-download-buttons a.celib-book-pdf")
+        with urllib.request.urlopen(pdf_links[0].get_attribute("href")) as response:
+            assert response.read(5) == b"%PDF-"
+    else:  # no dead link: the intro says the PDF was not built with this copy
+        assert not pdf_links and "not built with this copy" in browser.find_element(By.TAG_NAME, "main").text
     archive = browser.find_element(By.CSS_SELECTOR, "main a[href$='crossentropy-book-src.tar.gz']")
     with urllib.request.urlopen(archive.get_attribute("href")) as response:
         data = response.read()
