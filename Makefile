@@ -24,6 +24,7 @@ test: unit nbval portability build-strict browser
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests --ignore=tests/browser --ignore=tests/pdf -q
+	$(BIN)/python -m pytest --doctest-modules celib -q  # the examples of the API reference
 
 nbval: $(STAMP)
 	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with .nbval-sanitize.cfg chapters -q

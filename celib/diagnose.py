@@ -59,6 +59,13 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
     Returns:
         A list of :class:`Finding` (empty when the inputs look right). The
         checks read the data, so call this while debugging, not in every step.
+
+    Example:
+        >>> import torch, celib
+        >>> probabilities = torch.softmax(torch.randn(4, 3), dim=1)
+        >>> findings = celib.diagnose(probabilities, torch.tensor([0, 2, 1, 0]))
+        >>> [f.code for f in findings]
+        ['softmax-before-cross-entropy']
     """
     findings: list[Finding] = []
     input = torch.as_tensor(input)

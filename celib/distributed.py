@@ -32,6 +32,8 @@ import torch.distributed as dist
 from celib import validate
 from celib.errors import InputError
 
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+
 
 def _shard_offsets(local_classes: int, device: torch.device, group) -> tuple[int, int]:
     """(first class of this rank's shard, total number of classes), from one all-gather of the sizes."""

@@ -107,6 +107,20 @@ def cross_entropy(
 
     Raises:
         InputError: on any invalid argument, with the fix in the message.
+
+    Example:
+        >>> import torch, celib
+        >>> logits = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, 0.0]])
+        >>> target = torch.tensor([0, 1])
+        >>> round(celib.cross_entropy(logits, target).item(), 4)
+        0.3069
+        >>> torch.allclose(celib.cross_entropy(logits, target),
+        ...                torch.nn.functional.cross_entropy(logits, target))
+        True
+        >>> celib.cross_entropy(logits, torch.tensor([0, 3]))
+        Traceback (most recent call last):
+        ...
+        celib.errors.InputError: ...
     """
     if backend not in BACKENDS:
         raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}.")
@@ -260,8 +274,12 @@ def binary_cross_entropy_with_logits(
     A drop-in for :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
     ``input`` holds logits (any shape, float); ``target`` the same shape, in
     [0, 1]. The loss of an element is
-    :math:`-w\,[\,p_c\,y \log\sigma(x) + (1-y)\log(1-\sigma(x))]`, with
-    ``pos_weight`` (:math:`p_c`, broadcast over the last dimension: one entry
+
+    .. math::
+
+        -w\,[\,p_c\,y \log\sigma(x) + (1-y)\log(1-\sigma(x))],
+
+    with ``pos_weight`` (:math:`p_c`, broadcast over the last dimension: one entry
     per class for multi-label) scaling the positive term.
     """
     _check_elementwise(input, target, reduction)
@@ -352,6 +370,15 @@ def focal_loss(
     ``"mean"`` divides by the summed weights of the kept targets, so with
     ``gamma=0`` this is :func:`cross_entropy`, weights and ignore_index
     included.
+
+    Example:
+        >>> import torch, celib
+        >>> logits, target = torch.tensor([[3.0, 0.0, -1.0]]), torch.tensor([0])
+        >>> plain = celib.cross_entropy(logits, target)
+        >>> bool(celib.focal_loss(logits, target, gamma=0.0) == plain)
+        True
+        >>> round(celib.focal_loss(logits, target, gamma=2.0).item(), 6)
+        0.000268
     """
     validate.check_classification_args(input, target, weight, reduction, allow_probabilities=False)
     if gamma < 0:

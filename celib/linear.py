@@ -30,10 +30,10 @@ from celib.errors import InputError
 #: dtype, and HBM3 bandwidth (bytes/s). Their ratio is the machine balance, in FLOP per byte.
 GPU_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 495e12, torch.float64: 67e12}
 GPU_BYTES_PER_S = 3.35e12
-#: Bytes one chunk's logits (and their float32 working copy) may take by default: CUDA and CPU.
+#: The default cap, in bytes, on one chunk's logits and their float32 working copy, per device type.
 CHUNK_MEMORY = {"cuda": 2 * 2**30, "cpu": 256 * 2**20}
 #: Rows per chunk on a CPU: a quarter of the batch, at least CPU_MIN_ROWS and at most CPU_ROWS (see
-#: :func:`chunk_rows`).
+#: :func:`celib.linear.chunk_rows`).
 CPU_ROWS, CPU_MIN_ROWS = 512, 128
 
 
@@ -64,9 +64,9 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
                memory: int | None = None) -> int:
     """Rows per chunk: ``chunk_size`` if given, else the rule for the device, capped by a memory budget.
 
-    - CUDA: :func:`roofline_rows` (every product of a chunk compute-bound on an H100: 1280 rows in
+    - CUDA: ``roofline_rows`` (every product of a chunk compute-bound on an H100: 1280 rows in
       bf16), so chunking costs no more time than the unfused products.
-    - CPU: a quarter of the batch, at least 128 and at most 512 rows (:data:`CPU_ROWS`). A CPU's
+    - CPU: a quarter of the batch, at least 128 and at most 512 rows (``CPU_ROWS``). A CPU's
       matrix products are compute-bound at any of these sizes; what costs is the per-chunk work that
       does not scale with the rows, so chunks should be large, and a quarter of the batch keeps
       chunking worth its name for small batches (at most a quarter of the logits in memory). Measured
@@ -75,8 +75,8 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
       0.73x (H = 256) and 0.85x (H = 512), 128 rows 0.85x and 1.06x, 1024-2048 rows within 3 % of 512.
 
     Either is capped so that a chunk's logits take at most ``memory`` bytes (default
-    :data:`CHUNK_MEMORY` for the device: 2 GiB on CUDA, 256 MiB on CPU; see
-    :func:`chunk_bytes_per_row`), and is at least 1 and at most N.
+    :data:`celib.linear.CHUNK_MEMORY` for the device: 2 GiB on CUDA, 256 MiB on CPU; see
+    ``chunk_bytes_per_row``), and is at least 1 and at most N.
     Peak extra memory is then about one chunk, plus the float32 gradient of the weight and the
     gradient of the input.
     """
@@ -531,9 +531,9 @@ def linear_cross_entropy(
             :func:`celib.cross_entropy`. ``reduction="none"`` returns the loss per row, shape
             of ``target``; its backward recomputes the logits of each chunk.
         chunk_size: rows per chunk; default from the device's rule, capped by ``chunk_memory``
-            (see :func:`chunk_rows`: 1280 rows for bf16 on CUDA, 512 on a CPU).
+            (see :func:`celib.linear.chunk_rows`: 1280 rows for bf16 on CUDA, 512 on a CPU).
         chunk_memory: bytes one chunk's logits may take when ``chunk_size`` is not given (default
-            :data:`CHUNK_MEMORY`: 2 GiB on CUDA, 256 MiB on CPU).
+            :data:`celib.linear.CHUNK_MEMORY`: 2 GiB on CUDA, 256 MiB on CPU).
         backend: ``"torch"`` (PyTorch operations per chunk), ``"triton"`` (celib's fused kernel
             per chunk, writing the gradient over the chunk's logits; CUDA, or Triton's
             interpreter on CPU), or ``"auto"``: the kernel on CUDA when triton is installed.
@@ -553,6 +553,17 @@ def linear_cross_entropy(
     Raises:
         InputError: shapes that do not fit (hidden size vs weight, vocabulary of weight vs
             bias, target shape), dtype or device mismatch, out-of-range targets.
+
+    Example:
+        >>> import torch, celib
+        >>> g = torch.Generator().manual_seed(0)
+        >>> hidden = torch.randn(6, 8, generator=g, dtype=torch.float64)
+        >>> weight = torch.randn(50, 8, generator=g, dtype=torch.float64)
+        >>> target = torch.tensor([3, 7, 0, 49, 12, -100])
+        >>> fused = celib.linear_cross_entropy(hidden, weight, target, chunk_size=2)
+        >>> unfused = torch.nn.functional.cross_entropy(hidden @ weight.T, target)
+        >>> bool(torch.isclose(fused, unfused, rtol=1e-12))
+        True
     """
     from celib.functional import BACKENDS
 

@@ -7,6 +7,8 @@ from torch import nn
 
 from celib import functional
 
+__all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "FocalLoss", "LinearCrossEntropyLoss"]
+
 
 class CrossEntropyLoss(nn.Module):
     """Module form of :func:`celib.cross_entropy`; mirrors :class:`torch.nn.CrossEntropyLoss`.

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+__all__ = ["logsumexp", "log_softmax", "softmax", "sigmoid", "log_sigmoid", "entropy", "cross_entropy_dist", "kl_divergence", "cross_entropy", "cross_entropy_grad", "nll_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div", "sigmoid_focal_loss", "focal_loss"]
+
 # ----------------------------------------------------------------------------
 # Stable building blocks
 # ----------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def sigmoid(z: ArrayLike) -> np.ndarray:
 
 
 def log_sigmoid(z: ArrayLike) -> np.ndarray:
-    """log sigmoid(z) = min(z, 0) - log(1 + exp(-|z|)): always finite."""
+    """log sigmoid(z) = min(z, 0) - log(1 + exp(-abs(z))): always finite."""
     z = np.asarray(z, dtype=np.float64)
     return np.minimum(z, 0.0) - np.log1p(np.exp(-np.abs(z)))
 

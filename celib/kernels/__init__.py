@@ -99,8 +99,8 @@ def triton_cross_entropy(
             float32, any strides; CUDA (compiled kernel) or CPU (interpreter).
         target: class indices (int64 or int32) of the batch shape, or
             probabilities of the input's shape.
-        weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        return_lse, loss_dtype: as in :func:`celib.cross_entropy`.
+        weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse, loss_dtype: as in
+            :func:`celib.cross_entropy`.
         inplace_backward: write the gradient over the logits' storage, so the
             extra memory is O(N) instead of O(N C). The logits' values are
             destroyed by the forward pass, and backward can run only once.

@@ -14,7 +14,7 @@ from celib.errors import InputError
 #: Largest block of logits one program holds; longer rows are streamed in blocks of this size.
 #: Rows up to this length are read once (forward + backward), longer ones twice. Compiled as a launch
 #: specialises them (``python -m celib.kernels.compile``), one-block rows of 16384 bf16 logits take 54-60
-#: registers per thread at 16 warps on sm_80, sm_90a and sm_100a, with no spill; see :func:`max_block_for`
+#: registers per thread at 16 warps on sm_80, sm_90a and sm_100a, with no spill; see ``max_block_for``
 #: for the options that need more.
 MAX_BLOCK = 16384
 #: The largest one-block row when probability targets or soft-capping are on (more values live per logit).
