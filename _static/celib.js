@@ -58,31 +58,17 @@
     Search.htmlToText.celib = true;
   }
 
-  /* 4. The book's source: an entry in every download menu, next to the .ipynb and .pdf. */
-  function sourceDownload() {
+  /* 4. Downloads the theme's menu does not know: the book's source on every page, and the whole-book PDF
+     where the build found one (`make pdf`; _ext/celib_book.py marks such pages with
+     <meta name="celib-book-pdf">). */
+  function addDownload(cls, file, icon, text) {
     const root = document.documentElement.dataset.content_root || "";
     const menu = document.querySelector(".dropdown-download-buttons ul");
-    if (!menu || menu.querySelector(".celib-source")) return;
+    if (!menu || menu.querySelector("." + cls)) return;
     const item = document.createElement("li");
-    item.innerHTML = '<a href="' + root + '_static/crossentropy-book-src.tar.gz" ' +
-      'class="btn btn-sm dropdown-item celib-source" title="The book\'s source: celib, the chapters, ' +
-      'the Makefile" data-bs-placement="left" data-bs-toggle="tooltip">' +
-      '<span class="btn__icon-container"><i class="fas fa-file-archive"></i></span>' +
-      '<span class="btn__text-container">source (.tar.gz)</span></a>';
-    menu.appendChild(item);
-  }
-
-  /* 5. The whole-book PDF, in the download menu, where the build found one (`make pdf`; see
-     _ext/celib_book.py, which marks such pages with <meta name="celib-book-pdf">). */
-  function bookPdf() {
-    if (!document.querySelector('meta[name="celib-book-pdf"]')) return;
-    const root = document.documentElement.dataset.content_root || "";
-    const menu = document.querySelector(".dropdown-download-buttons ul");
-    if (!menu || menu.querySelector(".celib-book-pdf")) return;
-    const item = document.createElement("li");
-    item.innerHTML = '<a href="' + root + '_static/crossentropy-book.pdf" class="btn btn-sm dropdown-item ' +
-      'celib-book-pdf"><span class="btn__icon-container"><i class="fas fa-file-pdf"></i></span>' +
-      '<span class="btn__text-container">whole book (.pdf)</span></a>';
+    item.innerHTML = '<a href="' + root + '_static/' + file + '" class="btn btn-sm dropdown-item ' + cls +
+      '"><span class="btn__icon-container"><i class="fas ' + icon + '"></i></span>' +
+      '<span class="btn__text-container">' + text + "</span></a>";
     menu.appendChild(item);
   }
 
@@ -91,8 +77,9 @@
     route(".secondary-toggle", null);
     sizeFigures();
     cleanSearch();
-    sourceDownload();
-    bookPdf();
+    addDownload("celib-source", "crossentropy-book-src.tar.gz", "fa-file-archive", "source (.tar.gz)");
+    if (document.querySelector('meta[name="celib-book-pdf"]'))
+      addDownload("celib-book-pdf", "crossentropy-book.pdf", "fa-file-pdf", "whole book (.pdf)");
   }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", ready);
   else ready();
