@@ -1,0 +1,274 @@
+"""celib.integrations.transformers against the stock loss of tiny transformers models (built from
+configs, random weights, no download): equal losses and gradients, Trainer with gradient
+accumulation, the fused path without logits, the errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+
+import celib
+from celib.integrations.transformers import (
+    FUSED_MODEL_TYPES,
+    apply_celib,
+    causal_lm_loss,
+    remove_celib,
+    shift_labels,
+)
+from tests import bounds
+
+V = 97
+SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**SMALL),
+    "mistral": lambda: tf.MistralConfig(**SMALL),
+    "qwen2": lambda: tf.Qwen2Config(**SMALL),
+    "qwen3": lambda: tf.Qwen3Config(**SMALL, head_dim=8),
+    "gemma2": lambda: tf.Gemma2Config(**SMALL, head_dim=8),  # soft-caps its logits at 30
+    "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=0,
+                                  bos_token_id=0),
+}
+
+
+def _model(kind: str, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(CONFIGS[kind]()).to(dtype)
+
+
+def _batch(seed=0, b=3, t=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (b, t), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    labels[-1, -3:] = -100  # padding
+    return ids, labels
+
+
+def _loss_and_grads(model, ids, labels, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    out.loss.backward()
+    out.loss = out.loss.detach()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _truth(model, ids, labels, num_items=None):
+    """The causal-LM loss written out independently of transformers' code: logits at positions
+    0..T-2 against labels 1..T-1, in the model's dtype (float64 here)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    flat, target = logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)
+    loss = (F.cross_entropy(flat, target) if num_items is None
+            else F.cross_entropy(flat, target, reduction="sum") / num_items)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_float64_loss_and_every_gradient_equal_the_truth(kind, fused):
+    ids, labels = _batch()
+    model = _model(kind)
+    want, want_grads = _truth(model, ids, labels)
+    apply_celib(model, fused_linear=fused, chunk_size=8)
+    out, grads = _loss_and_grads(model, ids, labels)
+    assert out.loss.dtype == torch.float64
+    assert abs(out.loss.item() - float(want)) <= 1e-12 * float(want)
+    assert grads.keys() == want_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        assert _rel(grad, want_grads[name]) <= 1e-12, name
+    assert (out.logits is None) == fused  # training mode: the fused path returns no logits
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2"])
+def test_float32_no_worse_than_the_stock_float32_loss(kind, fused):
+    """float32 against the float64 truth, bounded by the stock model's own float32 error (x4, as
+    everywhere in these tests, plus 16 u of the value): the summation order differs, the accuracy may not."""
+    ids, labels = _batch(1)
+    truth, truth_grads = _truth(_model(kind), ids, labels)
+    model = _model(kind, torch.float32)
+    stock, stock_grads = _loss_and_grads(model, ids, labels)
+    apply_celib(model, fused_linear=fused, chunk_size=8)
+    out, grads = _loss_and_grads(model, ids, labels)
+    slack = 16 * bounds.U32
+    err, stock_err = abs(out.loss.item() - float(truth)), abs(float(stock.loss) - float(truth))
+    assert err <= bounds.TORCH_FACTOR * stock_err + slack * float(truth)
+    for name, grad in grads.items():
+        want = truth_grads[name]
+        assert _rel(grad.double(), want) <= bounds.TORCH_FACTOR * _rel(stock_grads[name].double(), want) + slack
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+def test_num_items_in_batch_and_shift_labels_as_transformers(fused):
+    ids, labels = _batch(2)
+    model = _model("llama")
+    n = torch.tensor(40)
+    want, want_grads = _truth(model, ids, labels, num_items=40)
+    apply_celib(model, fused_linear=fused)
+    out, grads = _loss_and_grads(model, ids, labels, num_items_in_batch=n)
+    assert abs(out.loss.item() - float(want)) <= 1e-12 * float(want)
+    assert all(_rel(g, want_grads[k]) <= 1e-12 for k, g in grads.items())
+    # targets already shifted (a padding-free collator's): used instead of shifting the labels
+    unrelated = torch.zeros_like(labels)
+    out = model(input_ids=ids, labels=unrelated, shift_labels=shift_labels(labels), num_items_in_batch=n)
+    assert abs(out.loss.item() - float(want)) <= 1e-12 * float(want)
+
+
+def test_causal_lm_loss_is_transformers_for_causal_lm_loss():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 7, V, generator=g)
+    ids, labels = _batch(3, b=2, t=7)
+    for n in (None, torch.tensor(9)):
+        want = ForCausalLMLoss(logits, labels, V, num_items_in_batch=n)
+        got = causal_lm_loss(logits, labels, V, num_items_in_batch=n)
+        assert got.dtype == want.dtype == torch.float32
+        assert torch.equal(got, want)  # same float32 operations in the same order
+    bf16 = logits.bfloat16()
+    want = ForCausalLMLoss(bf16, labels, V)  # transformers upcasts the logits to float32
+    assert torch.equal(causal_lm_loss(bf16, labels, V), want)
+    with pytest.raises(celib.InputError, match="vocab_size is 90"):
+        causal_lm_loss(logits, labels, 90)
+    with pytest.raises(celib.InputError, match="labels of shape"):
+        causal_lm_loss(logits, labels[:, :5], V)
+
+
+def test_shift_labels():
+    labels = torch.tensor([[5, 6, 7, -100], [1, 2, 3, 4]])
+    assert shift_labels(labels).tolist() == [[6, 7, -100, -100], [2, 3, 4, -100]]
+    assert shift_labels(labels, ignore_index=-1)[:, -1].tolist() == [-1, -1]
+
+
+def test_fused_returns_logits_only_when_asked():
+    ids, labels = _batch(4)
+    model = _model("llama")
+    stock_logits = model(input_ids=ids).logits
+    apply_celib(model, fused_linear=True)
+    assert model(input_ids=ids, labels=labels).logits is None  # training mode
+    model.eval()
+    out = model(input_ids=ids, labels=labels)
+    assert torch.equal(out.logits, stock_logits)  # evaluation keeps them
+    model.train()
+    apply_celib(model, fused_linear=True, return_logits=True)
+    assert torch.equal(model(input_ids=ids, labels=labels).logits, stock_logits)
+    # without labels (generation) the model runs as before, logits_to_keep included
+    last = model(input_ids=ids, logits_to_keep=1).logits  # one row per sequence: other matmul blocking
+    assert last.shape == (3, 1, V) and torch.allclose(last, stock_logits[:, -1:], rtol=1e-12, atol=0)
+    with pytest.raises(celib.InputError, match="logits_to_keep"):
+        model(input_ids=ids, labels=labels, logits_to_keep=1)
+
+
+def test_fused_never_materialises_the_logits():
+    """No (B, T, V) tensor is saved for backward on the fused path; the logits path saves some."""
+    ids, labels = _batch(5, b=2, t=16)
+    big = 4096
+    cfg = tf.LlamaConfig(**{**SMALL, "vocab_size": big})
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg)
+    saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    for fused in (False, True):
+        apply_celib(model, fused_linear=fused, chunk_size=8)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=labels % big).loss
+        has_logits = any(len(s) >= 2 and s[-1] == big and s.numel() >= 32 * big for s in map(torch.Size, saved))
+        assert has_logits == (not fused)
+
+
+def test_remove_celib_restores_the_stock_loss():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    ids, labels = _batch(6)
+    model = _model("gpt2", torch.float32)
+    stock = model(input_ids=ids, labels=labels).loss
+    apply_celib(model, fused_linear=True)
+    assert model.forward is not type(model).forward.__get__(model)
+    remove_celib(model)
+    assert model.loss_function is ForCausalLMLoss and "forward" not in vars(model)
+    assert torch.equal(model(input_ids=ids, labels=labels).loss, stock)
+    apply_celib(model, fused_linear=True)
+    apply_celib(model)  # a second call replaces the first
+    assert "forward" not in vars(model)
+
+
+def test_errors():
+    with pytest.raises(celib.InputError, match="PreTrainedModel"):
+        apply_celib(torch.nn.Linear(2, 2))
+    bert = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(celib.InputError, match="not a causal language model"):
+        apply_celib(bert)
+    torch.manual_seed(0)
+    cohere = tf.AutoModelForCausalLM.from_config(tf.CohereConfig(**SMALL))  # scales its logits
+    apply_celib(cohere)  # the loss on the logits: any causal LM
+    with pytest.raises(celib.InputError, match="fused_linear=True is tested on model types"):
+        apply_celib(cohere, fused_linear=True)
+    assert set(FUSED_MODEL_TYPES) == set(CONFIGS)  # every type it accepts is tested above
+
+
+def test_transformers_version_is_checked(monkeypatch):
+    model = _model("gpt2")
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.46.0")
+    with pytest.raises(ImportError, match=r"transformers >= 5\.0, found transformers 4\.46\.0"):
+        apply_celib(model)
+
+
+def test_import_celib_does_not_import_transformers():
+    code = ("import sys, celib, celib.integrations; "
+            "assert 'transformers' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _trainer_run(kind: str, route: str | None, tmp_path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Two optimizer steps of SGD, gradient_accumulation_steps=2, micro-batches with different numbers of
+    target tokens (so the normalisation matters); returns the logged losses and the parameters."""
+    model = _model(kind, torch.float32, seed=1)
+    if route is not None:
+        apply_celib(model, fused_linear=route == "fused", chunk_size=8)
+    rows = []
+    for i in range(8):
+        ids = torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(10 + i))
+        labels = ids.clone()
+        labels[12 - i:] = -100  # i padded positions: counts differ between micro-batches
+        rows.append({"input_ids": ids, "labels": labels})
+    args = tf.TrainingArguments(output_dir=str(tmp_path / (route or "stock")), per_device_train_batch_size=2,
+                                gradient_accumulation_steps=2, max_steps=2, learning_rate=0.5, optim="sgd",
+                                lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no",
+                                use_cpu=True, seed=0, disable_tqdm=True, weight_decay=0.0, max_grad_norm=0.0)
+    trainer = tf.Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_trainer_with_gradient_accumulation_gives_the_stock_updates(kind, tmp_path):
+    start = dict(_model(kind, torch.float32, seed=1).named_parameters())
+    stock_losses, stock = _trainer_run(kind, None, tmp_path)
+    assert len(stock_losses) == 2
+    for route in ("logits", "fused"):
+        losses, params = _trainer_run(kind, route, tmp_path)
+        assert losses == pytest.approx(stock_losses, rel=1e-5)
+        for name, p in params.items():
+            update, stock_update = p - start[name], stock[name] - start[name]
+            assert stock_update.norm() > 0, name  # every parameter moved
+            assert _rel(update, stock_update) <= 1e-4, (route, name)
