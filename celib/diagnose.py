@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from celib.errors import InputError
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -45,7 +47,8 @@ def _looks_like_probabilities(x: torch.Tensor, class_dim: int | None) -> bool:
     return bool(torch.allclose(x.double().sum(dim=class_dim), torch.ones((), dtype=torch.float64), atol=1e-3))
 
 
-def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100) -> list[Finding]:
+def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
+             inputs: torch.Tensor | None = None) -> list[Finding]:
     """Check a (logits, target) pair for the mistakes learners make with cross-entropy losses.
 
     Args:
@@ -55,6 +58,9 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
             of 0/1 values of the same shape).
         target: the matching target.
         ignore_index: the target value that marks positions to skip.
+        inputs: for a language model, the token ids it was fed at the positions of
+            ``target`` (the same shape). Targets equal to them mean labels that
+            were not shifted to the next token.
 
     Returns:
         A list of :class:`Finding` (empty when the inputs look right). The
@@ -163,4 +169,26 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
             "check the label encoding (labels starting at 1 need target - 1), the model's number of outputs, and "
             f"that padding uses ignore_index={ignore_index}.",
         ))
+    if inputs is not None:
+        findings += _labels_not_shifted(target, torch.as_tensor(inputs), ignore_index)
     return findings
+
+
+def _labels_not_shifted(target: torch.Tensor, inputs: torch.Tensor, ignore_index: int) -> list[Finding]:
+    if inputs.shape != target.shape:
+        raise InputError(f"inputs of shape {tuple(inputs.shape)} must have the target's shape "
+                         f"{tuple(target.shape)}: the token ids fed at the target's positions.")
+    kept = target != ignore_index
+    copies, total = int(((target == inputs.to(target.device)) & kept).sum()), int(kept.sum())
+    # natural text repeats a token at the next position rarely; a majority of copies is a missing shift
+    if total < 4 or 2 * copies < total:
+        return []
+    return [Finding(
+        "labels-not-shifted",
+        f"target equals the input token at the same position at {copies} of {total} kept positions: the "
+        "labels were not shifted, so the model learns to copy its input (the loss falls towards 0) instead "
+        "of predicting the next token.",
+        "score position t against token t + 1: logits[:, :-1] with labels[:, 1:], or targets = "
+        "celib.integrations.transformers.shift_labels(labels); transformers models (and apply_celib) "
+        "shift labels themselves, so pass them labels=input_ids unshifted.",
+    )]

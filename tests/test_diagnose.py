@@ -83,3 +83,21 @@ def test_probabilities_given_to_bce_with_logits():
 def test_finding_prints_code_message_and_fix():
     text = str(celib.diagnose(torch.softmax(LOGITS, 1), TARGET)[0])
     assert text.startswith("[softmax-before-cross-entropy]") and "fix: pass the raw logits" in text
+
+
+def test_labels_not_shifted():
+    """A causal-LM adapter that forgets the shift scores position t against token t itself."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    logits = torch.randn(2, 9, 50, generator=g)
+    flat = logits.reshape(-1, 50)
+    wrong = celib.diagnose(flat, labels.reshape(-1), inputs=ids.reshape(-1))
+    assert [f.code for f in wrong] == ["labels-not-shifted"]
+    assert "at 15 of 15 kept positions" in wrong[0].message and "labels[:, 1:]" in wrong[0].fix
+    right = celib.diagnose(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                           inputs=ids[:, :-1].reshape(-1))
+    assert right == []
+    with pytest.raises(celib.InputError, match="inputs of shape"):
+        celib.diagnose(flat, labels.reshape(-1), inputs=ids)
