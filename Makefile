@@ -27,7 +27,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest --doctest-modules celib -q  # the examples of the API reference
 
 nbval: $(STAMP)
-	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with .nbval-sanitize.cfg chapters -q
+	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with .nbval-sanitize.cfg chapters using_celib.ipynb -q
 
 # nbval again on the floating-point paths of other machines (scalar kernels, one thread, AVX2); see the script.
 portability: $(STAMP)
@@ -78,7 +78,7 @@ texlive:
 # Re-execute every chapter in place from a fresh kernel (after changing celib). Cells that demonstrate an
 # error carry the raises-exception cell tag; any other error output fails tests/test_notebooks.py.
 notebooks: $(STAMP)
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --allow-errors --ExecutePreprocessor.record_timing=False chapters/*.ipynb
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --allow-errors --ExecutePreprocessor.record_timing=False chapters/*.ipynb using_celib.ipynb
 	$(BIN)/python -m pytest tests/test_notebooks.py -q  # catches any error output a cell did not declare
 
 bench: $(STAMP)

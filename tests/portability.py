@@ -72,7 +72,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-j", "--jobs", type=int, default=2, help="variants run at once (default 2)")
     args, nbval_args = parser.parse_known_args()
-    nbval_args = nbval_args or ["chapters"]
+    nbval_args = nbval_args or ["chapters", "using_celib.ipynb"]
     LOGS.mkdir(parents=True, exist_ok=True)
     todo = variants()
     with ThreadPoolExecutor(args.jobs) as pool:
