@@ -73,3 +73,19 @@ def test_hf_memory_benchmark_runs_each_variant_in_its_own_process():
     losses = {float(r[2]) for r in rows}
     assert len(losses) == 1  # the same loss, to the 5 decimals printed (memory is measured, not asserted)
     assert "each in a fresh process" in out and "The (B, T, V) logits alone: 0 MiB" in out
+
+
+def test_hf_equality_table_has_every_model_dtype_and_route():
+    out = run("benchmarks/hf_equality.py")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "model" not in line]
+    assert len(rows) == 3 * 3 * 3
+    for kind, dtype, route, loss_err, grad_err in (map(str.strip, r) for r in rows):
+        if dtype == "float64" and route.startswith("celib"):
+            assert float(loss_err) < 1e-12 and float(grad_err) < 1e-12, (kind, route)
+
+
+def test_hf_trainer_accumulation_routes():
+    out = run("benchmarks/hf_trainer_accumulation.py")
+    rows = {r[1].strip(): r for r in (line.split("|") for line in out.splitlines() if line.startswith("| "))}
+    assert rows["stock"][2] == rows["apply_celib"][2] == rows["apply_celib fused_linear=True"][2]
+    assert float(rows["apply_celib"][3]) < 1e-4 and float(rows["apply_celib fused_linear=True"][3]) < 1e-4

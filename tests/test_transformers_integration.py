@@ -4,6 +4,7 @@ accumulation, the fused path without logits, the errors."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -109,6 +110,30 @@ def test_float32_no_worse_than_the_stock_float32_loss(kind, fused):
     for name, grad in grads.items():
         want = truth_grads[name]
         assert _rel(grad.double(), want) <= bounds.TORCH_FACTOR * _rel(stock_grads[name].double(), want) + slack
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+def test_bfloat16_no_worse_than_the_stock_bfloat16_loss(fused):
+    """The dtype models train in on GPUs: the same weights in float64 are the truth; celib's error is
+    bounded by the stock bf16 model's (x4) plus 16 units of bf16 rounding (2**-8) of the value."""
+    ids, labels = _batch(7)
+    model = _model("llama", torch.bfloat16)
+    truth, truth_grads = _truth(_as_double(model), ids, labels)
+    stock, stock_grads = _loss_and_grads(model, ids, labels)
+    apply_celib(model, fused_linear=fused, chunk_size=8)
+    out, grads = _loss_and_grads(model, ids, labels)
+    assert out.loss.dtype == stock.loss.dtype == torch.float32
+    slack = 16 * 2.0**-8
+    assert abs(out.loss.item() - float(truth)) <= 4 * abs(stock.loss.item() - float(truth)) + slack * float(truth)
+    for name, grad in grads.items():
+        want = truth_grads[name]
+        assert _rel(grad.double(), want) <= 4 * _rel(stock_grads[name].double(), want) + slack, name
+
+
+def _as_double(model):
+    import copy
+
+    return copy.deepcopy(model).double()
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
@@ -272,3 +297,23 @@ def test_trainer_with_gradient_accumulation_gives_the_stock_updates(kind, tmp_pa
             update, stock_update = p - start[name], stock[name] - start[name]
             assert stock_update.norm() > 0, name  # every parameter moved
             assert _rel(update, stock_update) <= 1e-4, (route, name)
+
+
+def test_fused_output_positional_labels_and_tuples():
+    """Labels passed by position are found; the output's dict and tuple views agree with its attributes
+    (no logits in either when they are skipped); return_dict=False gives a tuple, loss first."""
+    ids, labels = _batch(8)
+    model = _model("gpt2")
+    want, _ = _truth(model, ids, labels)
+    apply_celib(model, fused_linear=True)
+    # GPT2LMHeadModel.forward(input_ids, past_key_values, cache_position, attention_mask, token_type_ids,
+    # position_ids, inputs_embeds, encoder_hidden_states, encoder_attention_mask, labels, ...)
+    names = list(inspect.signature(type(model).forward).parameters)[1:]
+    position = names.index("labels")
+    args = [ids] + [None] * (position - 1) + [labels]
+    out = model(*args)
+    assert abs(out.loss.item() - float(want)) <= 1e-12 * float(want)
+    assert "logits" not in out.keys() and out.logits is None
+    assert out.to_tuple()[0] is out.loss and all(t.dim() == 0 or t.shape[-1] != 0 for t in out.to_tuple() if torch.is_tensor(t))
+    tup = model(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(tup, tuple) and abs(tup[0].item() - float(want)) <= 1e-12 * float(want)

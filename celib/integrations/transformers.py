@@ -20,6 +20,7 @@ tested with transformers 5.24.0.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -202,14 +203,20 @@ def apply_celib(
     forward = model.forward
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
+    signature = inspect.signature(forward)
+
     @functools.wraps(forward)  # Trainer reads the signature (its **kwargs) through __wrapped__
     def fused_forward(*args: Any, **kwargs: Any):
+        kwargs = _as_keywords(signature, args, kwargs)
         labels = kwargs.pop("labels", None)
         if labels is None:  # as the stock model: no labels, no loss (shift_labels alone are ignored)
-            return forward(*args, **kwargs)
+            return forward(**kwargs)
         targets = kwargs.pop("shift_labels", None)
         num_items = kwargs.pop("num_items_in_batch", None)
         ignore_index = kwargs.pop("ignore_index", -100)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(model.config, "use_return_dict", getattr(model.config, "return_dict", True))
         keep_logits = (not model.training) if return_logits is None else return_logits
         captured: dict[str, torch.Tensor] = {}
 
@@ -219,7 +226,7 @@ def apply_celib(
 
         head.forward = capture  # for this call only: the model's forward gives the head's input here
         try:
-            output = forward(*args, **kwargs)
+            output = forward(**kwargs, return_dict=True)
         finally:
             del head.forward
         hidden = captured["hidden"]
@@ -233,14 +240,23 @@ def apply_celib(
             hidden, head.weight, targets.to(hidden.device), linear_bias=head.bias, ignore_index=ignore_index,
             reduction="mean" if num_items is None else "sum", softcap=softcap, chunk_size=chunk_size,
             backend=backend, loss_dtype=_loss_dtype(hidden.dtype))
-        output.loss = _reduce(loss, num_items)
+        fields = dict(output.items())  # a new output: ModelOutput keeps a key set to None in its tuple view
+        fields["loss"] = _reduce(loss, num_items)
         if not keep_logits:
-            output.logits = None
-        return output
+            fields.pop("logits", None)
+        output = type(output)(**fields)
+        return output if return_dict else output.to_tuple()
 
     fused_forward._celib_original = forward  # type: ignore[attr-defined]
     model.forward = fused_forward
     return model
+
+
+def _as_keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by name (positional ones included), the **kwargs flattened into them."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    extra = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    return {**{k: v for k, v in bound.items() if k != extra}, **bound.get(extra, {})}
 
 
 def remove_celib(model: torch.nn.Module) -> torch.nn.Module:
