@@ -3,8 +3,8 @@
 One call, on a model built or loaded as usual::
 
     from celib.integrations.transformers import apply_celib
-    model = apply_celib(AutoModelForCausalLM.from_pretrained(...))               # loss on the logits
-    model = apply_celib(model, fused_linear=True)   # loss on the hidden states, no (B, T, V) logits
+    model = apply_celib(AutoModelForCausalLM.from_pretrained(...))  # the loss on the logits
+    model = apply_celib(model, fused_linear=True)  # on the hidden states: no (B, T, V) logits
 
 With the same semantics as the model's own loss (transformers' ``ForCausalLMLoss``): the labels are
 shifted (position t predicts label t + 1) unless the batch carries ``shift_labels``; -100 marks
@@ -13,8 +13,9 @@ the loss a sum divided by that count. The model's ``loss_type`` is left as it is
 ``Trainer`` counts ``num_items_in_batch`` over the shifted labels only while ``loss_type`` names
 transformers' causal-LM loss, so registering another loss there silently changes the normalisation.
 
-transformers is imported by this module only (``pip install 'crossentropy-book[transformers]'``);
-tested with transformers 5.24.0.
+transformers is imported only when a model is adapted (install celib with its extra:
+``pip install ".[transformers]"``); it needs transformers >= 5.0 and is tested with 5.24.0.
+``benchmarks/hf_equality.py``, ``hf_trainer_accumulation.py`` and ``hf_memory.py`` measure it.
 """
 
 from __future__ import annotations
