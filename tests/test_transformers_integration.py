@@ -5,6 +5,7 @@ accumulation, the fused path without logits, the errors."""
 from __future__ import annotations
 
 import inspect
+import pathlib
 import subprocess
 import sys
 
@@ -183,10 +184,12 @@ def test_fused_returns_logits_only_when_asked():
     model = _model("llama")
     stock_logits = model(input_ids=ids).logits
     apply_celib(model, fused_linear=True)
-    assert model(input_ids=ids, labels=labels).logits is None  # training mode
-    model.eval()
-    out = model(input_ids=ids, labels=labels)
-    assert torch.equal(out.logits, stock_logits)  # evaluation keeps them
+    assert model(input_ids=ids, labels=labels).logits is None  # a training step
+    model.eval()  # as from_pretrained returns it: a step with gradients still skips the logits
+    assert model(input_ids=ids, labels=labels).logits is None
+    with torch.no_grad():  # evaluation keeps them
+        out = model(input_ids=ids, labels=labels)
+    assert torch.equal(out.logits, stock_logits)
     model.train()
     apply_celib(model, fused_linear=True, return_logits=True)
     assert torch.equal(model(input_ids=ids, labels=labels).logits, stock_logits)
@@ -199,8 +202,8 @@ def test_fused_returns_logits_only_when_asked():
 
 def test_fused_never_materialises_the_logits():
     """No (B, T, V) tensor is saved for backward on the fused path; the logits path saves some."""
-    ids, labels = _batch(5, b=2, t=16)
-    big = 4096
+    ids, labels = _batch(5, b=2, t=24)
+    rows, big = 48, 4096  # more rows than the hidden size (32): no weight-sized tensor passes for logits
     cfg = tf.LlamaConfig(**{**SMALL, "vocab_size": big})
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(cfg)
@@ -215,7 +218,7 @@ def test_fused_never_materialises_the_logits():
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(input_ids=ids, labels=labels % big).loss
-        has_logits = any(len(s) >= 2 and s[-1] == big and s.numel() >= 32 * big for s in map(torch.Size, saved))
+        has_logits = any(big in s and s.numel() >= rows * big for s in map(torch.Size, saved))
         assert has_logits == (not fused)
 
 
@@ -240,8 +243,11 @@ def test_errors():
         apply_celib(torch.nn.Linear(2, 2))
     bert = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
                                                            num_attention_heads=2, intermediate_size=32))
-    with pytest.raises(celib.InputError, match="not a causal language model"):
+    with pytest.raises(celib.InputError, match="not one of transformers' causal language models"):
         apply_celib(bert)
+    double = tf.GPT2DoubleHeadsModel(CONFIGS["gpt2"]())  # an LM head, but its forward has its own loss
+    with pytest.raises(celib.InputError, match="GPT2DoubleHeadsModel is not one of"):
+        apply_celib(double)
     torch.manual_seed(0)
     cohere = tf.AutoModelForCausalLM.from_config(tf.CohereConfig(**SMALL))  # scales its logits
     apply_celib(cohere)  # the loss on the logits: any causal LM
@@ -317,3 +323,104 @@ def test_fused_output_positional_labels_and_tuples():
     assert out.to_tuple()[0] is out.loss and all(t.dim() == 0 or t.shape[-1] != 0 for t in out.to_tuple() if torch.is_tensor(t))
     tup = model(input_ids=ids, labels=labels, return_dict=False)
     assert isinstance(tup, tuple) and abs(tup[0].item() - float(want)) <= 1e-12 * float(want)
+
+
+def test_a_deep_copy_acts_on_its_own_weights():
+    """As a reference model or an EMA copy is made: the copy's fused loss uses the copy's weights."""
+    import copy
+
+    ids, labels = _batch(9)
+    model = apply_celib(_model("llama"), fused_linear=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    want, want_grads = _truth(copy.deepcopy(twin), ids, labels)
+    model.zero_grad(set_to_none=True)
+    out, grads = _loss_and_grads(twin, ids, labels)
+    assert abs(out.loss.item() - float(want)) <= 1e-12 * float(want)
+    assert all(_rel(g, want_grads[k]) <= 1e-12 for k, g in grads.items())
+    assert all(p.grad is None for p in model.parameters())  # the original took no part
+
+
+def test_a_replaced_output_layer_is_used():
+    ids, labels = _batch(10)
+    model = apply_celib(_model("llama"), fused_linear=True)
+    model.resize_token_embeddings(V + 3)  # a new embedding and output layer of V + 3 rows
+    assert model.get_output_embeddings().weight.shape[0] == V + 3
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, V + 3), labels[:, 1:].reshape(-1)).item()
+    assert abs(model(input_ids=ids, labels=labels).loss.item() - want) <= 1e-12 * want
+
+
+def test_accelerate_hooks_on_the_output_layer_are_kept():
+    """accelerate replaces a layer's forward with its hooks' (device maps, offloading): the fused path
+    goes through them, and leaves them in place; an offloaded weight is refused with the way out."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    ids, labels = _batch(11)
+    model = apply_celib(_model("llama"), fused_linear=True)
+    add_hook_to_module(model.lm_head, Count())
+    hooked = vars(model.lm_head)["forward"]
+    model(input_ids=ids, labels=labels)
+    assert Count.calls == 1 and vars(model.lm_head)["forward"] is hooked
+
+    offloaded = _model("llama", torch.float32)
+    stock = offloaded(input_ids=ids, labels=labels).loss.item()
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.lm_head.weight.is_meta
+    model_forward = vars(offloaded)["forward"]  # accelerate's hooks on the model itself
+    apply_celib(offloaded, fused_linear=True)
+    with pytest.raises(celib.InputError, match="offloaded by accelerate"):
+        offloaded(input_ids=ids, labels=labels)
+    apply_celib(offloaded)  # the loss on the logits works there
+    assert offloaded(input_ids=ids, labels=labels).loss.item() == pytest.approx(stock, rel=1e-6)
+    remove_celib(offloaded)
+    assert vars(offloaded)["forward"] is model_forward  # restored, not deleted
+    assert offloaded(input_ids=ids, labels=labels).loss.item() == pytest.approx(stock, rel=1e-6)
+
+
+FSDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist, transformers as tf
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, os.getcwd())
+import celib
+from celib.integrations.transformers import apply_celib
+from tests.test_transformers_integration import SMALL, _batch
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+ids, labels = _batch(12)
+losses = {}
+for shard_head in (False, True):
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, tie_word_embeddings=False))
+    stock = model(input_ids=ids, labels=labels).loss.item()
+    apply_celib(model, fused_linear=True)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if shard_head:
+        fully_shard(model.lm_head)
+    fully_shard(model)
+    try:
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        print("head in root", abs(loss.item() - stock) <= 1e-5 * stock)
+    except celib.InputError as err:
+        print("head sharded alone", "DTensor shard" in str(err))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_head_in_the_root_works_and_a_head_sharded_alone_is_refused():
+    out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], capture_output=True, text=True, timeout=300,
+                         cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["head in root True", "head sharded alone True"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -140,18 +141,25 @@ _shift = shift_labels  # the module-level function, which causal_lm_loss's argum
 
 def _check_causal_lm(model: torch.nn.Module) -> None:
     transformers = _transformers()
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if not isinstance(model, transformers.PreTrainedModel):
         raise InputError(f"apply_celib takes a transformers PreTrainedModel, got {type(model).__name__}.")
-    loss_type = getattr(model, "loss_type", None)
-    # an unknown or missing loss_type falls back to the causal-LM loss (PreTrainedModel.loss_function)
-    stock = LOSS_MAPPING.get(loss_type, ForCausalLMLoss) if loss_type is not None else ForCausalLMLoss
-    if stock is not ForCausalLMLoss or model.get_output_embeddings() is None:
-        raise InputError(f"{type(model).__name__} is not a causal language model with transformers' "
-                         f"causal-LM loss (loss_type={loss_type!r}); apply_celib handles those only.")
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise InputError("apply_celib handles decoder-only causal language models, not encoder-decoders.")
+    # the classes AutoModelForCausalLM builds: their forward computes the loss with self.loss_function
+    if type(model).__name__ not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        raise InputError(f"{type(model).__name__} is not one of transformers' causal language models (the "
+                         f"classes AutoModelForCausalLM builds); apply_celib handles those only.")
+
+
+@dataclass
+class _Fused:
+    """What the fused forward of one model needs; stored on the model, so copies of it have their own."""
+
+    return_logits: bool | None
+    backend: str
+    chunk_size: int | None
+    softcap: float | None
+    previous_forward: Any  # an instance forward set before apply_celib (accelerate's hooks), or None
 
 
 def apply_celib(
@@ -165,18 +173,20 @@ def apply_celib(
     """Make a transformers causal language model compute its loss with celib.
 
     Changes this model object only (not its class, not other models), and returns it.
+    ``copy.deepcopy`` of the model keeps the change, acting on the copy's own weights.
 
     Args:
-        model: a transformers ``PreTrainedModel`` whose loss is the causal-LM loss
-            (``...ForCausalLM``, ``GPT2LMHeadModel``, ...).
+        model: one of transformers' causal language models (a class ``AutoModelForCausalLM``
+            builds: ``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...).
         fused_linear: ``False``: the model computes its logits as usual and celib the loss on them
-            (:func:`causal_lm_loss`; any causal LM). ``True``: when ``labels`` are passed, the loss is
+            (:func:`causal_lm_loss`). ``True``: when ``labels`` are passed, the loss is
             :func:`celib.linear_cross_entropy` on the output layer's input and weight, and the
-            (B, T, V) logits and their gradient never exist (model types in
+            (B, T, V) logits and their gradient are not computed (model types in
             :data:`FUSED_MODEL_TYPES` only). Without labels the model runs as before.
         return_logits: with ``fused_linear=True`` and labels: whether the output also carries the
-            logits (computed once more for it, which costs the memory the fusion saves). ``None``:
-            only when the model is in eval mode, so training skips them and evaluation keeps them.
+            logits (computed for it, which costs the memory the fusion saves). ``None``: only when
+            gradients are off (``torch.no_grad()``, as in evaluation), so that a training step,
+            in train or eval mode, skips them.
         backend: as in :func:`celib.cross_entropy` (``"auto"``: the Triton kernel on CUDA).
         chunk_size: rows per chunk of the fused loss (default: :func:`celib.linear.chunk_rows`).
 
@@ -184,7 +194,10 @@ def apply_celib(
         ``model``, whose ``loss`` output is now celib's. :func:`remove_celib` undoes it.
 
     Raises:
-        InputError: not a causal LM; ``fused_linear=True`` for a model type it is not tested on.
+        InputError: not a causal LM; ``fused_linear=True`` for a model type it is not tested on;
+            at the call, an output layer whose weight is not there to use (offloaded to the meta
+            device by accelerate, or a DTensor shard: FSDP2 applied to the output layer on its
+            own, tensor parallelism), for which ``fused_linear=False`` works.
         ImportError: transformers missing or older than 5.0.
     """
     _check_causal_lm(model)
@@ -197,60 +210,84 @@ def apply_celib(
         raise InputError(f"fused_linear=True is tested on model types {', '.join(FUSED_MODEL_TYPES)}, not "
                          f"{model_type!r}, whose forward may change the logits after the output layer; "
                          f"use fused_linear=False (the loss on the logits works for every causal LM).")
+    _output_layer(model)
+    previous = vars(model).get("forward")
+    model._celib_fused = _Fused(return_logits, backend, chunk_size,
+                                getattr(model.config, "final_logit_softcapping", None), previous)
+    forward = functools.partial(_fused_forward, model)  # deepcopy rebinds it to the copy
+    functools.update_wrapper(forward, model.forward)  # Trainer reads the signature (**kwargs) via __wrapped__
+    model.forward = forward
+    return model
+
+
+def _output_layer(model: torch.nn.Module) -> torch.nn.Linear:
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise InputError(f"the output layer is a {type(head).__name__}, not an nn.Linear; "
                          f"use fused_linear=False.")
-    forward = model.forward
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return head
 
-    signature = inspect.signature(forward)
 
-    @functools.wraps(forward)  # Trainer reads the signature (its **kwargs) through __wrapped__
-    def fused_forward(*args: Any, **kwargs: Any):
-        kwargs = _as_keywords(signature, args, kwargs)
-        labels = kwargs.pop("labels", None)
-        if labels is None:  # as the stock model: no labels, no loss (shift_labels alone are ignored)
-            return forward(**kwargs)
-        targets = kwargs.pop("shift_labels", None)
-        num_items = kwargs.pop("num_items_in_batch", None)
-        ignore_index = kwargs.pop("ignore_index", -100)
-        return_dict = kwargs.pop("return_dict", None)
-        if return_dict is None:
-            return_dict = getattr(model.config, "use_return_dict", getattr(model.config, "return_dict", True))
-        keep_logits = (not model.training) if return_logits is None else return_logits
-        captured: dict[str, torch.Tensor] = {}
+def _fused_forward(model: torch.nn.Module, *args: Any, **kwargs: Any):
+    options: _Fused = model._celib_fused
+    forward = options.previous_forward or type(model).forward.__get__(model)
+    kwargs = _as_keywords(inspect.signature(type(model).forward.__get__(model)), args, kwargs)
+    labels = kwargs.pop("labels", None)
+    if labels is None:  # as the stock model: no labels, no loss (shift_labels alone are ignored)
+        return forward(**kwargs)
+    targets = kwargs.pop("shift_labels", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    keep_logits = (not torch.is_grad_enabled()) if options.return_logits is None else options.return_logits
+    head = _output_layer(model)  # looked up per call: the layer may have been replaced (resized vocabulary)
+    captured: list[torch.Tensor] = []
 
-        def capture(hidden: torch.Tensor) -> torch.Tensor:
-            captured["hidden"] = hidden
-            return head.__class__.forward(head, hidden) if keep_logits else hidden[..., :0]
+    def grab(module: torch.nn.Module, inputs: tuple) -> tuple | None:
+        captured.append(inputs[0])
+        # the layer still runs (with every hook others put on it), on no rows unless the logits are kept
+        return None if keep_logits else (inputs[0].narrow(-2, 0, 0), *inputs[1:])
 
-        head.forward = capture  # for this call only: the model's forward gives the head's input here
-        try:
-            output = forward(**kwargs, return_dict=True)
-        finally:
-            del head.forward
-        hidden = captured["hidden"]
-        if targets is None:
-            if labels.shape != hidden.shape[:-1]:
-                raise InputError(f"labels of shape {tuple(labels.shape)} do not match the "
-                                 f"{tuple(hidden.shape[:-1])} positions the output layer sees "
-                                 f"(logits_to_keep with labels needs shift_labels of the kept positions).")
-            targets = _shift(labels, ignore_index)
-        loss = linear_cross_entropy(
-            hidden, head.weight, targets.to(hidden.device), linear_bias=head.bias, ignore_index=ignore_index,
-            reduction="mean" if num_items is None else "sum", softcap=softcap, chunk_size=chunk_size,
-            backend=backend, loss_dtype=_loss_dtype(hidden.dtype))
-        fields = dict(output.items())  # a new output: ModelOutput keeps a key set to None in its tuple view
-        fields["loss"] = _reduce(loss, num_items)
-        if not keep_logits:
-            fields.pop("logits", None)
-        output = type(output)(**fields)
-        return output if return_dict else output.to_tuple()
+    handle = head.register_forward_pre_hook(grab)  # for this call only
+    try:
+        output = forward(**kwargs, return_dict=True)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise InputError(f"the model's forward called its output layer {len(captured)} times, not once; "
+                         f"use fused_linear=False.")
+    weight, bias = head.weight, head.bias
+    if weight.is_meta or _is_dtensor(weight):
+        raise InputError("the output layer's weight is not on a device here (offloaded by accelerate, or a "
+                         "DTensor shard: FSDP2 on the output layer alone, tensor parallelism); shard it with "
+                         "the rest of the model, or use fused_linear=False.")
+    hidden = captured[0].to(weight.device)  # accelerate's device maps move it inside the layer's call
+    if targets is None:
+        if labels.shape != hidden.shape[:-1]:
+            raise InputError(f"labels of shape {tuple(labels.shape)} do not match the "
+                             f"{tuple(hidden.shape[:-1])} positions the output layer sees "
+                             f"(logits_to_keep with labels needs shift_labels of the kept positions).")
+        targets = _shift(labels, ignore_index)
+    loss = linear_cross_entropy(
+        hidden, weight, targets.to(weight.device), linear_bias=bias, ignore_index=ignore_index,
+        reduction="mean" if num_items is None else "sum", softcap=options.softcap,
+        chunk_size=options.chunk_size, backend=options.backend, loss_dtype=_loss_dtype(hidden.dtype))
+    fields = dict(output.items())  # a new output: ModelOutput keeps a key set to None in its tuple view
+    fields["loss"] = _reduce(loss, num_items)
+    if not keep_logits:
+        fields.pop("logits", None)
+    output = type(output)(**fields)
+    return output if return_dict else output.to_tuple()
 
-    fused_forward._celib_original = forward  # type: ignore[attr-defined]
-    model.forward = fused_forward
-    return model
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _as_keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -262,9 +299,12 @@ def _as_keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dic
 
 def remove_celib(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`apply_celib`: the model computes its stock loss again. Returns ``model``."""
-    if "_loss_function" in vars(model):
-        del model._loss_function
-    forward = vars(model).get("forward")
-    if forward is not None and hasattr(forward, "_celib_original"):
-        del model.forward
+    state = vars(model)
+    state.pop("_loss_function", None)
+    fused = state.pop("_celib_fused", None)
+    if fused is not None:
+        if fused.previous_forward is not None:
+            state["forward"] = fused.previous_forward  # accelerate's, as it was
+        else:
+            state.pop("forward", None)
     return model
