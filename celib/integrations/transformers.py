@@ -121,14 +121,7 @@ def causal_lm_loss(
     if vocab_size is not None and logits.shape[-1] != vocab_size:
         raise InputError(f"logits have {logits.shape[-1]} classes in their last dimension but "
                          f"vocab_size is {vocab_size}.")
-    if shift_labels is None:
-        if labels.shape != logits.shape[:-1]:
-            raise InputError(f"labels of shape {tuple(labels.shape)} do not match logits of shape "
-                             f"{tuple(logits.shape)}: labels must be (B, T) for (B, T, V) logits "
-                             f"(with logits_to_keep, pass shift_labels of the kept positions).")
-        targets = _shift(labels, ignore_index)
-    else:
-        targets = shift_labels
+    targets = _targets(labels, shift_labels, logits.shape[:-1], ignore_index)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
                          ignore_index=ignore_index, reduction=reduction, backend=backend,
@@ -137,6 +130,18 @@ def causal_lm_loss(
 
 
 _shift = shift_labels  # the module-level function, which causal_lm_loss's argument hides
+
+
+def _targets(labels: torch.Tensor, shifted: torch.Tensor | None, positions: torch.Size,
+             ignore_index: int) -> torch.Tensor:
+    """The shifted labels, or ``shifted`` when the batch brought them, for the positions scored."""
+    if shifted is not None:
+        return shifted
+    if labels.shape != positions:
+        raise InputError(f"labels of shape {tuple(labels.shape)} do not match the {tuple(positions)} "
+                         f"positions scored: labels must be (B, T) for (B, T, V) logits (with "
+                         f"logits_to_keep, pass shift_labels of the kept positions).")
+    return _shift(labels, ignore_index)
 
 
 def _check_causal_lm(model: torch.nn.Module) -> None:
@@ -264,12 +269,7 @@ def _fused_forward(model: torch.nn.Module, *args: Any, **kwargs: Any):
                          "DTensor shard: FSDP2 on the output layer alone, tensor parallelism); shard it with "
                          "the rest of the model, or use fused_linear=False.")
     hidden = captured[0].to(weight.device)  # accelerate's device maps move it inside the layer's call
-    if targets is None:
-        if labels.shape != hidden.shape[:-1]:
-            raise InputError(f"labels of shape {tuple(labels.shape)} do not match the "
-                             f"{tuple(hidden.shape[:-1])} positions the output layer sees "
-                             f"(logits_to_keep with labels needs shift_labels of the kept positions).")
-        targets = _shift(labels, ignore_index)
+    targets = _targets(labels, targets, hidden.shape[:-1], ignore_index)
     loss = linear_cross_entropy(
         hidden, weight, targets.to(weight.device), linear_bias=bias, ignore_index=ignore_index,
         reduction="mean" if num_items is None else "sum", softcap=options.softcap,
