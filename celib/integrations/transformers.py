@@ -3,8 +3,11 @@
 One call, on a model built or loaded as usual::
 
     from celib.integrations.transformers import apply_celib
-    model = apply_celib(AutoModelForCausalLM.from_pretrained(...))  # the loss on the logits
-    model = apply_celib(model, fused_linear=True)  # on the hidden states: no (B, T, V) logits
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    model = apply_celib(model)  # the loss on the logits
+    # or on the hidden states, without the (B, T, V) logits:
+    model = apply_celib(model, fused_linear=True)
 
 With the same semantics as the model's own loss (transformers' ``ForCausalLMLoss``): the labels are
 shifted (position t predicts label t + 1) unless the batch carries ``shift_labels``; -100 marks
