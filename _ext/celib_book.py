@@ -197,6 +197,25 @@ def _drop_hidden_input(app: Sphinx, doctree, docname: str) -> None:
                     cell.remove(child)
 
 
+def _exercise_refs_across_chapters(app: Sphinx, doctree, docname: str) -> None:
+    """LaTeX only: a reference to an exercise of another chapter points at the label sphinx-exercise
+    writes (``exercise:<label>``), as its own references within a chapter do; left as they are, they
+    point at ``<docname>:<label>``, which no page defines, and print "Exercise ??"."""
+    if app.builder.format != "latex":
+        return
+    from sphinx_exercise.nodes import exercise_enumerable_node, exercise_latex_number_reference
+
+    registry = getattr(app.env, "sphinx_exercise_registry", {})
+    for ref in list(doctree.findall(nodes.reference)):
+        uri = ref.get("refuri", "")
+        label = uri.rpartition("#")[2]
+        target = registry.get(label, {}).get("node")
+        if uri.startswith("%") and isinstance(target, exercise_enumerable_node):
+            new = exercise_latex_number_reference(refid=label)
+            new += ref.children
+            ref.replace_self(new)
+
+
 class PenaltyOfConfidence(SphinxDirective):
     """``{penalty-of-confidence}``: the interactive loss-vs-probability figure."""
 
@@ -219,6 +238,7 @@ def setup(app: Sphinx) -> dict:
     app.connect("build-finished", _copy_or_unlink_pdf)
     app.connect("html-page-context", _mark_pdf)
     app.connect("doctree-resolved", _drop_hidden_input)
+    app.connect("doctree-resolved", _exercise_refs_across_chapters)
     # Jupyter Book's LaTeX class loads bbm, a package only in TeX Live's 1.4 GB fonts-extra, for macros the
     # book never uses: a three-line stand-in (_ext/latex/bbm.sty) travels with the LaTeX sources.
     app.connect("config-inited", _latex_stand_ins)

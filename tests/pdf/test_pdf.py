@@ -94,3 +94,8 @@ def test_pages_are_not_empty_and_render():
     subprocess.run(["pdftoppm", "-r", "60", "-png", "-f", "1", "-l", "12", str(PDF), str(PAGES_OUT / "look")],
                    check=True)
     assert len(list(PAGES_OUT.glob("look-*.png"))) == 12
+
+
+def test_no_unresolved_reference(text):
+    """LaTeX prints ?? for a reference it could not resolve (an exercise of another chapter was one)."""
+    assert "??" not in text
