@@ -25,6 +25,7 @@ import subprocess
 import tarfile
 
 from docutils import nodes
+from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
@@ -206,11 +207,10 @@ def _exercise_refs_across_chapters(app: Sphinx, doctree, docname: str) -> None:
     from sphinx_exercise.nodes import exercise_enumerable_node, exercise_latex_number_reference
 
     registry = getattr(app.env, "sphinx_exercise_registry", {})
-    for ref in list(doctree.findall(nodes.reference)):
-        uri = ref.get("refuri", "")
-        label = uri.rpartition("#")[2]
+    for ref in list(doctree.findall(addnodes.number_reference)):  # "Exercise N": digits, nothing to escape
+        page, _, label = ref.get("refuri", "").partition("#")
         target = registry.get(label, {}).get("node")
-        if uri.startswith("%") and isinstance(target, exercise_enumerable_node):
+        if page.startswith("%") and isinstance(target, exercise_enumerable_node):
             new = exercise_latex_number_reference(refid=label)
             new += ref.children
             ref.replace_self(new)
