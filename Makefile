@@ -41,21 +41,26 @@ build-strict: $(STAMP)
 browser: $(STAMP) chromium
 	$(BIN)/python -m pytest tests/browser -q
 
-# Install Debian's chromium + chromium-driver when missing and we may (root or passwordless sudo).
-# Where we may not, the browser tests fail and say how to install them.
+# Debian packages, installed when we may (root or passwordless sudo); where we may not, say how.
+# $(call apt_install,<what>,<packages>,<apt-get options>,<then, when we may not>)
+define apt_install
+if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo"; else SUDO="none"; fi; \
+if [ "$$SUDO" = none ]; then \
+  echo "$(1) is missing and this user cannot install it: sudo apt-get install $(2)" >&2; $(4) \
+else \
+  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(3) $(2) >/dev/null; \
+fi
+endef
+
+# Debian's chromium + chromium-driver; where they cannot be installed, the browser tests fail and say so.
 chromium:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo"; else SUDO="none"; fi; \
-	  if [ "$$SUDO" = none ]; then \
-	    echo "chromium is missing and this user cannot install it: sudo apt-get install chromium chromium-driver" >&2; \
-	  else \
-	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	  fi; \
+	  $(call apt_install,chromium,chromium chromium-driver,,); \
 	fi
 
 # The whole book as one PDF (Jupyter Book's LaTeX builder, xelatex from Debian's TeX Live, installed below
 # the way Chromium is), checked (tests/pdf), then linked from the HTML pages. CI runs it after make test.
-pdf: $(STAMP) texlive
+pdf: $(STAMP) texlive chromium
 	rm -rf _build/latex
 	$(BIN)/jupyter-book build --quiet . --builder pdflatex
 	$(BIN)/python -m pytest tests/pdf -q
@@ -67,12 +72,7 @@ TEXLIVE_PACKAGES := texlive-latex-recommended texlive-latex-extra texlive-xetex 
 	latexmk fonts-freefont-otf lmodern tex-gyre poppler-utils
 texlive:
 	@if ! command -v xelatex >/dev/null || ! command -v latexmk >/dev/null || ! command -v pdftoppm >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo"; else SUDO="none"; fi; \
-	  if [ "$$SUDO" = none ]; then \
-	    echo "TeX Live is missing and this user cannot install it: sudo apt-get install $(TEXLIVE_PACKAGES)" >&2; exit 1; \
-	  else \
-	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(TEXLIVE_PACKAGES) >/dev/null; \
-	  fi; \
+	  $(call apt_install,TeX Live,$(TEXLIVE_PACKAGES),--no-install-recommends,exit 1;); \
 	fi
 
 # Re-execute every chapter in place from a fresh kernel (after changing celib). Cells that demonstrate an

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import pathlib
 import shutil
@@ -118,16 +119,18 @@ def source_files(root: pathlib.Path) -> list[str]:
 
 def write_source_archive(root: pathlib.Path, target: pathlib.Path) -> int:
     """Write the gzipped tar of :func:`source_files` under ``crossentropy-book/``; returns its size.
-    Entries carry fixed times and owners, so the same checkout gives the same archive."""
+    Entries carry fixed times, modes and owners, and the gzip header no time, so the same files give
+    the same bytes."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in source_files(root):
             info = tar.gettarinfo(str(root / name), arcname=f"{SOURCE_PREFIX}/{name}")
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            info.mode = 0o755 if info.mode & 0o100 else 0o644
             with open(root / name, "rb") as handle:
                 tar.addfile(info, handle)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(buffer.getvalue())
+    target.write_bytes(gzip.compress(buffer.getvalue(), mtime=0))
     return target.stat().st_size
 
 
@@ -159,12 +162,16 @@ def _copy_or_unlink_pdf(app: Sphinx, exception: Exception | None) -> None:
         (out / "_static").mkdir(exist_ok=True)
         shutil.copyfile(_latex_pdf(app), out / "_static" / BOOK_PDF)
         return
+    _replace_in_pages(out, f'<a class="celib-pdf" href="_static/{BOOK_PDF}">{BOOK_PDF}</a>',
+                      f"{BOOK_PDF} (not built with this copy of the book: <code>make pdf</code> makes it)")
+
+
+def _replace_in_pages(out: pathlib.Path, old: str, new: str) -> None:
+    """Replace ``old`` by ``new`` in the written top-level pages that contain it."""
     for page in out.glob("*.html"):
         text = page.read_text(encoding="utf-8")
-        link = f'<a class="celib-pdf" href="_static/{BOOK_PDF}">{BOOK_PDF}</a>'
-        if link in text:
-            page.write_text(text.replace(link, f"{BOOK_PDF} (not built with this copy of the book: "
-                                               "<code>make pdf</code> makes it)"), encoding="utf-8")
+        if old in text:
+            page.write_text(text.replace(old, new), encoding="utf-8")
 
 
 def _title_once(app: Sphinx, exception: Exception | None) -> None:
@@ -173,11 +180,7 @@ def _title_once(app: Sphinx, exception: Exception | None) -> None:
     if exception is not None or app.builder.format != "html":
         return
     book = app.config.html_title
-    doubled = f"<title>{book} &#8212; {book}</title>"
-    for page in pathlib.Path(app.outdir).glob("*.html"):
-        text = page.read_text(encoding="utf-8")
-        if doubled in text:
-            page.write_text(text.replace(doubled, f"<title>{book}</title>"), encoding="utf-8")
+    _replace_in_pages(pathlib.Path(app.outdir), f"<title>{book} &#8212; {book}</title>", f"<title>{book}</title>")
 
 
 def _latex_stand_ins(app: Sphinx, config) -> None:
@@ -187,12 +190,12 @@ def _latex_stand_ins(app: Sphinx, config) -> None:
 
 
 def _drop_hidden_input(app: Sphinx, doctree, docname: str) -> None:
-    """LaTeX only: remove the input of every cell tagged hide-input (and remove-input)."""
+    """LaTeX only: remove the input of every cell tagged hide-input (myst-nb leaves remove-input's out)."""
     if app.builder.format != "latex":
         return
     for cell in list(doctree.findall(nodes.container)):
         classes = cell.get("classes", [])
-        if "cell" in classes and ("tag_hide-input" in classes or "tag_remove-input" in classes):
+        if "cell" in classes and "tag_hide-input" in classes:
             for child in list(cell.children):
                 if isinstance(child, nodes.container) and "cell_input" in child.get("classes", []):
                     cell.remove(child)

@@ -16,49 +16,37 @@ import copy
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 warnings.filterwarnings("ignore")
 
 import transformers as tf  # noqa: E402
 
+import hf_tiny  # noqa: E402
 from celib.integrations.transformers import apply_celib, remove_celib  # noqa: E402
 
-V = 97
-SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-CONFIGS = {
-    "llama": lambda: tf.LlamaConfig(**SMALL),
-    "gemma2": lambda: tf.Gemma2Config(**SMALL, head_dim=8),
-    "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
-}
+KINDS = ("llama", "gemma2", "gpt2")  # a plain head, a soft-capped one, one with biases and dropout off
 
 
 def batch():
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, V, (4, 32), generator=g)
+    ids = torch.randint(0, hf_tiny.V, (4, 32), generator=g)
     labels = ids.clone()
     labels[0, :8] = -100
     labels[-1, -5:] = -100
     return ids, labels
 
 
-def grads(model, ids, labels, by_hand=False):
+def stock_or_celib(model, ids, labels):
     model.zero_grad(set_to_none=True)
-    if by_hand:
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
-    else:
-        loss = model(input_ids=ids, labels=labels).loss
+    loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
-    return loss.item(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 def errors(result, truth):
     loss, g = result
-    want_loss, want = truth
-    worst = max(float((g[n] - want[n]).norm() / want[n].norm()) for n in want)
+    want_loss, want = float(truth[0]), truth[1]
+    worst = max(float((g[n].double() - want[n]).norm() / want[n].norm()) for n in want)
     return abs(loss - want_loss) / want_loss, worst
 
 
@@ -68,15 +56,14 @@ def main() -> None:
     print()
     print("| model | dtype | loss by | loss rel. error | worst gradient rel. error |")
     print("|---|---|---|---|---|")
-    for kind, config in CONFIGS.items():
+    for kind in KINDS:
         for dtype in (torch.float64, torch.float32, torch.bfloat16):
-            torch.manual_seed(0)
-            model = tf.AutoModelForCausalLM.from_config(config()).to(dtype)
-            truth = grads(copy.deepcopy(model).double(), ids, labels, by_hand=True)
-            rows = [("stock", grads(model, ids, labels))]
+            model = hf_tiny.model(kind, dtype)
+            truth = hf_tiny.truth(copy.deepcopy(model).double(), ids, labels)
+            rows = [("stock", stock_or_celib(model, ids, labels))]
             for fused in (False, True):
                 apply_celib(model, fused_linear=fused, chunk_size=16)
-                rows.append(("celib fused" if fused else "celib logits", grads(model, ids, labels)))
+                rows.append(("celib fused" if fused else "celib logits", stock_or_celib(model, ids, labels)))
                 remove_celib(model)
             for name, result in rows:
                 loss_err, grad_err = errors(result, truth)

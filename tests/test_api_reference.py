@@ -28,13 +28,6 @@ def test_every_public_name_is_documented():
     assert expected - documented == set(), f"public names missing from api.md: {sorted(expected - documented)}"
 
 
-def test_documented_names_exist():
-    for dotted in _documented():
-        module, _, name = dotted.rpartition(".")
-        obj = __import__(module, fromlist=[name])
-        assert hasattr(obj, name), dotted
-
-
 def test_submodules_declare_their_public_names():
     for module in (celib.nn, celib.ref, celib.distributed, celib.kernels, celib.integrations.transformers):
         public = {n for n, v in vars(module).items() if not n.startswith("_") and callable(v)

@@ -7,20 +7,18 @@ import pathlib
 
 import pytest
 
+from tests import toc
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 NOTEBOOKS = [*CHAPTERS, ROOT / "using_celib.ipynb"]  # the chapters and the recipes page
 
 
 def test_every_chapter_in_the_toc_exists():
-    import yaml
-
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
-    chapters = [f for f in files if f.startswith("chapters/")]
+    chapters = toc.chapters()
     assert len(chapters) == 9
     assert sorted(f"chapters/{p.stem}" for p in CHAPTERS) == sorted(chapters)
-    assert "using_celib" in files
+    assert "using_celib" in toc.toc_pages()
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

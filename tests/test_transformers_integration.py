@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers as tf
 
 import celib
@@ -24,24 +23,10 @@ from celib.integrations.transformers import (
 )
 from tests import bounds
 
-V = 97
-SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-CONFIGS = {
-    "llama": lambda: tf.LlamaConfig(**SMALL),
-    "mistral": lambda: tf.MistralConfig(**SMALL),
-    "qwen2": lambda: tf.Qwen2Config(**SMALL),
-    "qwen3": lambda: tf.Qwen3Config(**SMALL, head_dim=8),
-    "gemma2": lambda: tf.Gemma2Config(**SMALL, head_dim=8),  # soft-caps its logits at 30
-    "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=0,
-                                  bos_token_id=0),
-}
-
-
-def _model(kind: str, dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return tf.AutoModelForCausalLM.from_config(CONFIGS[kind]()).to(dtype)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from hf_tiny import CONFIGS, SMALL, V, train_with_accumulation  # noqa: E402
+from hf_tiny import model as _model  # noqa: E402
+from hf_tiny import truth as _truth  # noqa: E402
 
 
 def _batch(seed=0, b=3, t=12):
@@ -59,18 +44,6 @@ def _loss_and_grads(model, ids, labels, **kwargs):
     out.loss.backward()
     out.loss = out.loss.detach()
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _truth(model, ids, labels, num_items=None):
-    """The causal-LM loss written out independently of transformers' code: logits at positions
-    0..T-2 against labels 1..T-1, in the model's dtype (float64 here)."""
-    model.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids).logits
-    flat, target = logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)
-    loss = (F.cross_entropy(flat, target) if num_items is None
-            else F.cross_entropy(flat, target, reduction="sum") / num_items)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -269,35 +242,13 @@ def test_import_celib_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _trainer_run(kind: str, route: str | None, tmp_path) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Two optimizer steps of SGD, gradient_accumulation_steps=2, micro-batches with different numbers of
-    target tokens (so the normalisation matters); returns the logged losses and the parameters."""
-    model = _model(kind, torch.float32, seed=1)
-    if route is not None:
-        apply_celib(model, fused_linear=route == "fused", chunk_size=8)
-    rows = []
-    for i in range(8):
-        ids = torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(10 + i))
-        labels = ids.clone()
-        labels[12 - i:] = -100  # i padded positions: counts differ between micro-batches
-        rows.append({"input_ids": ids, "labels": labels})
-    args = tf.TrainingArguments(output_dir=str(tmp_path / (route or "stock")), per_device_train_batch_size=2,
-                                gradient_accumulation_steps=2, max_steps=2, learning_rate=0.5, optim="sgd",
-                                lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no",
-                                use_cpu=True, seed=0, disable_tqdm=True, weight_decay=0.0, max_grad_norm=0.0)
-    trainer = tf.Trainer(model=model, args=args, train_dataset=rows)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_trainer_with_gradient_accumulation_gives_the_stock_updates(kind, tmp_path):
     start = dict(_model(kind, torch.float32, seed=1).named_parameters())
-    stock_losses, stock = _trainer_run(kind, None, tmp_path)
+    stock_losses, stock = train_with_accumulation(kind, "stock", str(tmp_path))
     assert len(stock_losses) == 2
-    for route in ("logits", "fused"):
-        losses, params = _trainer_run(kind, route, tmp_path)
+    for route in ("apply_celib", "apply_celib fused_linear=True"):
+        losses, params = train_with_accumulation(kind, route, str(tmp_path))
         assert losses == pytest.approx(stock_losses, rel=1e-5)
         for name, p in params.items():
             update, stock_update = p - start[name], stock[name] - start[name]
@@ -348,9 +299,7 @@ def test_a_replaced_output_layer_is_used():
     model = apply_celib(_model("llama"), fused_linear=True)
     model.resize_token_embeddings(V + 3)  # a new embedding and output layer of V + 3 rows
     assert model.get_output_embeddings().weight.shape[0] == V + 3
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    want = F.cross_entropy(logits[:, :-1].reshape(-1, V + 3), labels[:, 1:].reshape(-1)).item()
+    want = float(_truth(model, ids, labels)[0])  # the truth reads V + 3 from the logits
     assert abs(model(input_ids=ids, labels=labels).loss.item() - want) <= 1e-12 * want
 
 

@@ -132,9 +132,6 @@ def causal_lm_loss(
     return _reduce(loss, num_items_in_batch)
 
 
-_shift = shift_labels  # the module-level function, which causal_lm_loss's argument hides
-
-
 def _targets(labels: torch.Tensor, shifted: torch.Tensor | None, positions: torch.Size,
              ignore_index: int) -> torch.Tensor:
     """The shifted labels, or ``shifted`` when the batch brought them, for the positions scored."""
@@ -144,7 +141,7 @@ def _targets(labels: torch.Tensor, shifted: torch.Tensor | None, positions: torc
         raise InputError(f"labels of shape {tuple(labels.shape)} do not match the {tuple(positions)} "
                          f"positions scored: labels must be (B, T) for (B, T, V) logits (with "
                          f"logits_to_keep, pass shift_labels of the kept positions).")
-    return _shift(labels, ignore_index)
+    return shift_labels(labels, ignore_index)
 
 
 def _check_causal_lm(model: torch.nn.Module) -> None:

@@ -11,7 +11,6 @@ import tempfile
 import threading
 
 import pytest
-import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HTML = pathlib.Path(os.environ.get("CELIB_BOOK_HTML", ROOT / "_build" / "html"))  # override to test another build
@@ -24,10 +23,6 @@ INSTALL_HINT = (
 )
 
 
-def toc_pages() -> list[str]:
-    """Page paths (without .html) in reading order, from _toc.yml."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    return [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 
 import pytest
-import yaml
+from tests import toc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PDF = ROOT / "_build" / "latex" / "book.pdf"
@@ -22,14 +22,11 @@ PAGES_OUT = ROOT / "_build" / "pdf-pages"
 
 
 def _chapter_titles() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     titles = []
-    for part in toc["parts"]:
-        for chapter in part["chapters"]:
-            path = ROOT / (chapter["file"] + ".ipynb")
-            if chapter["file"].startswith("chapters/"):  # not the back matter's recipes page
-                first = next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown")
-                titles.append("".join(first["source"]).splitlines()[0].lstrip("# ").strip())
+    for chapter in toc.chapters():
+        cells = json.loads((ROOT / (chapter + ".ipynb")).read_text())["cells"]
+        first = next(c for c in cells if c["cell_type"] == "markdown")
+        titles.append("".join(first["source"]).splitlines()[0].lstrip("# ").strip())
     return titles
 
 
