@@ -1,9 +1,18 @@
 """The oldest PyTorch and Triton celib supports, checked on import with an error that names them.
 
-torch 2.9 and triton 3.4 are the oldest the GPU machines this project is checked on may carry; celib
-uses nothing newer (``torch.library.custom_op`` dates from 2.4, ``tl.constexpr`` globals from Triton 3.0).
-CI tests the pinned versions only (torch 2.13.0 CPU build, triton 3.9.0): the bounds are the promise,
-the pins are what is tested.
+- triton >= 3.6 is *tested*: ``make test`` installs triton 3.6.0 in front of
+  the pinned 3.9.0 and runs the kernel tests with it (``make oldest-triton``).
+  3.6 is what this project's GPU machines carry; 3.5 runs the kernels but has
+  no ``ptxas`` for sm_100a (the resource table), and 3.4 cannot build the
+  table at all.
+- torch >= 2.9 is *read from the APIs used*, not tested: only torch 2.13.0
+  (CPU build) can be installed on the machines that run CI. Every torch call
+  of celib and ``benchmarks/gpu_check.py`` was checked against the 2.9 source
+  (``torch.library.custom_op`` and ``register_autograd`` date from 2.4).
+
+Triton's interpreter (celib's kernel on a CPU) before 3.8 converts one-element
+NumPy arrays to integers, which NumPy 2.4 made an error: with such a Triton,
+the interpreter needs numpy < 2.4 (:func:`check_interpreter` says so).
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ from __future__ import annotations
 import re
 
 MIN_TORCH = (2, 9)
-MIN_TRITON = (3, 4)
+MIN_TRITON = (3, 6)
+#: The first Triton whose interpreter runs with NumPy >= 2.4.
+TRITON_INTERPRETER_NUMPY_2_4 = (3, 8)
 
 
 def parse(version: str) -> tuple[int, int]:
@@ -40,3 +51,14 @@ def check_triton() -> None:
     import triton
 
     require("triton", triton.__version__, MIN_TRITON)
+
+
+def check_interpreter(triton_version: str, numpy_version: str) -> None:
+    """Raise ImportError where Triton's interpreter cannot run celib's kernel: Triton < 3.8 with
+    NumPy >= 2.4 (its ``tensor.__index__`` calls ``int()`` on a one-element array, as
+    ``range(0, n_cols, BLOCK)`` in a kernel does)."""
+    if parse(triton_version) < TRITON_INTERPRETER_NUMPY_2_4 and parse(numpy_version) >= (2, 4):
+        raise ImportError(
+            f"Triton {triton_version}'s interpreter (celib's kernel on a CPU) does not run with NumPy "
+            f"{numpy_version}: before Triton 3.8 it converts one-element arrays to integers, an error "
+            f"since NumPy 2.4. Install numpy<2.4, or triton>=3.8.")

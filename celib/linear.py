@@ -494,6 +494,13 @@ def _fold(g, xs, w, gx, gw, gb, start):
         gb += g.sum(0).to(gb.dtype)
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available``, a constant to torch.compile: torch 2.9's Dynamo has no rule
+    for the C function it calls (2.13 has), and would stop a ``fullgraph=True`` compile there."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -590,7 +597,7 @@ def linear_cross_entropy(
                              f"use backend='torch'.")
     x, w, b = input.reshape(-1, hidden), linear_weight, linear_bias
     device_type = x.device.type
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    autocast = _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     if autocast and x.dtype == torch.float32:
         # as F.linear under autocast: the products in the autocast dtype (casts are differentiable)
         dt = torch.get_autocast_dtype(device_type)

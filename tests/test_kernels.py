@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import celib
 from celib import kernels
+from celib.kernels import launch
 from celib.kernels.launch import MAX_BLOCK, block_size
 from tests import bounds
 
@@ -274,6 +275,54 @@ def test_backend_dispatch():
     bounds.assert_within(module(x, t), tr.loss, tr.loss_bound, "module loss")
 
 
+# ------------------------------------------------- the same-program design for streamed rows (provisional)
+
+SAME_PROGRAM = [
+    dict(),
+    dict(reduction="none"),
+    dict(label_smoothing=0.2, weight="w", ignore_index=3, reduction="sum"),
+    dict(weight="w", z_loss=1e-3, softcap=5.0),
+]
+
+
+@pytest.mark.parametrize("kwargs", SAME_PROGRAM, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()) or "default")
+@pytest.mark.parametrize("programs", [1, 3, None])
+def test_same_program_design_matches_torch(kwargs, programs):
+    """launch.Tuning.two_sweeps: the forward program sweeps a streamed row twice and writes its gradient,
+    on a persistent grid of ``programs`` (None: one per row on a CPU) that must still cover every row."""
+    torch.manual_seed(7)
+    x = torch.randn(11, 100) * 3
+    t = torch.randint(0, 100, (11,))
+    t[[2, 9]] = kwargs.get("ignore_index", -100)
+    kw = dict(kwargs)
+    if kw.get("weight") == "w":
+        kw["weight"] = torch.rand(100) + 0.1
+    up = torch.randn(11) if kw.get("reduction") == "none" else None
+    with launch.tuned(two_sweeps=True, programs=programs):
+        check(x, t, up, max_block=16, **kw)
+        q = torch.softmax(torch.randn(11, 100) * 3, 1)
+        kw.pop("ignore_index", None)  # not for probability targets (as in PyTorch)
+        check(x, q, up, max_block=16, **kw)
+
+
+def test_same_program_design_on_masked_logits():
+    x, t = _masked_logits()
+    with launch.tuned(two_sweeps=True, programs=2):
+        loss, grad = _check_masked(x, t, max_block=16, label_smoothing=0.1)
+    assert torch.isfinite(grad[:7]).all()
+
+
+def test_tuned_launch_choices_are_restored_and_checked():
+    before = launch.tuning()
+    with launch.tuned(max_block=32768, num_warps=8) as choice:
+        assert launch.tuning() == choice and choice.max_block == 32768
+        assert launch.block_size(32000) == 32768 and launch.block_size(32000, probability_target=True) == 8192
+    assert launch.tuning() == before and launch.block_size(32000) == MAX_BLOCK
+    with pytest.raises(celib.InputError, match="power of two"):
+        with launch.tuned(max_block=3000):
+            pass
+
+
 # ---------------------------------------------------------------------------------------------- traffic meter
 
 
@@ -307,6 +356,19 @@ def test_traffic_streamed_rows_read_twice_write_once(upstream, reduction):
                              upstream=upstream, reduction=reduction)
     assert report.block == 128
     assert (report.logits_read, report.grad_written) == (2 * 4000 + 4, 4000), report.torch_ops
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.5])
+def test_traffic_same_program_design(upstream):
+    """Two sweeps in the forward program: 2 reads + 1 write per logit at upstream 1, as the split design,
+    and the backward moves nothing; at another upstream backward recomputes the rows (1 R + 1 W more,
+    where the split design stays at 2 R + 1 W)."""
+    x = torch.randn(4, 1000)
+    with launch.tuned(two_sweeps=True, programs=2):
+        report = kernels.traffic(x, torch.randint(0, 1000, (4,)), max_block=128, upstream=upstream)
+    expected = (2 * 4000 + 4, 4000) if upstream == 1.0 else (3 * 4000 + 4, 2 * 4000)
+    assert (report.logits_read, report.grad_written) == expected, report.torch_ops
+    assert report.torch_ops == ()
 
 
 @pytest.mark.parametrize("max_block", [None, 128])

@@ -146,3 +146,26 @@ def test_inductor_keeps_the_memory_of_eager():
     print(peaks)
     assert peaks[True] <= 1.2 * peaks[False] + 16, peaks  # + 16 MB: the resident set's own granularity
     assert peaks[False] < 131, peaks  # eager itself holds less than one copy of the logits
+
+
+def test_fullgraph_where_dynamo_has_no_rule_for_autocast_availability(monkeypatch):
+    """torch 2.9's Dynamo has no rule for ``torch._C._is_autocast_available`` (2.13 has one); celib must
+    compile with ``fullgraph=True`` there too. Simulated here by removing the rule from this torch."""
+    import torch._dynamo.trace_rules as rules
+
+    table = rules.get_torch_obj_rule_map()
+    assert torch._C._is_autocast_available in table  # else this torch is not the one simulated
+    monkeypatch.delitem(table, torch._C._is_autocast_available)
+    torch.manual_seed(0)
+    x, w = torch.randn(12, 8), torch.randn(30, 8)
+    t = torch.randint(0, 30, (12,))
+    torch._dynamo.reset()
+    try:
+        for enabled in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                fn = torch.compile(celib.linear_cross_entropy, backend="eager", fullgraph=True)
+                got = fn(x, w, t, backend="torch")
+                expected = celib.linear_cross_entropy(x, w, t, backend="torch")
+            assert got.dtype == expected.dtype and torch.allclose(got, expected, rtol=1e-6, atol=0)
+    finally:
+        torch._dynamo.reset()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import celib
 from celib import kernels
+from celib.kernels import launch
 from celib.kernels.launch import block_size
 from tests import bounds
 
@@ -48,12 +49,16 @@ CASES = [
     ("one block, options", dict(weight="w", label_smoothing=0.1, z_loss=1e-3)),
     ("streamed, options", dict(max_block=16, weight="w", label_smoothing=0.1, softcap=5.0)),
     ("in place", dict(inplace_backward=True)),
+    # the same-program design for streamed rows (launch.Tuning.two_sweeps), on a persistent grid of 2
+    ("same program", dict(max_block=16, two_sweeps=True)),
+    ("same program, options", dict(max_block=16, two_sweeps=True, weight="w", label_smoothing=0.1, softcap=5.0)),
+    ("same program, in place", dict(max_block=16, two_sweeps=True, inplace_backward=True)),
 ]
 
 
 # the torch backend has nothing to stream or overwrite: the kernel-only options run on the kernel only
 BACKEND_CASES = [("triton", c) for c in CASES] + [
-    ("torch", c) for c in CASES if "max_block" not in c[1] and "inplace_backward" not in c[1]]
+    ("torch", c) for c in CASES if not {"max_block", "inplace_backward", "two_sweeps"} & set(c[1])]
 
 
 @pytest.mark.parametrize("backend,case", BACKEND_CASES, ids=lambda v: v if isinstance(v, str) else v[0])
@@ -69,16 +74,18 @@ def test_every_upstream_layout_gives_the_right_gradient(backend, case, shape):
     if kw.get("weight") == "w":
         kw["weight"] = torch.rand(c) + 0.1
     max_block = kw.pop("max_block", None)
+    two_sweeps = kw.pop("two_sweeps", False)
     truth_kw = {k: v for k, v in kw.items() if k != "inplace_backward"}
     block = block_size(c, max_block or 2**20, softcap="softcap" in kw)
     for layout, (run_backward, upstream) in _layouts(shape, seed=3).items():
         leaf = x.clone().requires_grad_(True)
         logits = leaf * 1.0  # a non-leaf, as a model's output (in place overwrites it)
-        if backend == "triton":
-            loss = kernels.triton_cross_entropy(logits, t, reduction="none", max_block=max_block, **kw)
-        else:
-            loss = celib.cross_entropy(logits, t, reduction="none", backend=backend, **kw)
-        run_backward(loss)
+        with launch.tuned(two_sweeps=two_sweeps, programs=2):
+            if backend == "triton":
+                loss = kernels.triton_cross_entropy(logits, t, reduction="none", max_block=max_block, **kw)
+            else:
+                loss = celib.cross_entropy(logits, t, reduction="none", backend=backend, **kw)
+            run_backward(loss)
         tr = bounds.truth(x, t, upstream, block=block, reduction="none", **truth_kw)
         bounds.assert_within(leaf.grad, tr.grad, tr.grad_bound, f"{name}, {layout}")
 

@@ -23,7 +23,8 @@ with Triton's compiler, and reads:
   instruction of the kernel (NOPs and the trailing self-branch excluded) divided
   by the logits each thread holds (block / (32 x warps)); for a streamed kernel,
   the instructions of its loop over the row divided by the logits one iteration
-  handles per thread. It is the work one thread issues per value, not a
+  handles per thread (with two sweeps, the persistent loop over rows, which holds
+  both sweeps' loops: the cost per logit of both). It is the work one thread issues per value, not a
   measured time: predicated-off code counts, stalls do not.
 
 An H100 SXM issues about 4 x 32 thread-instructions per cycle per SM, 132 SMs at
@@ -111,6 +112,7 @@ class Config:
     layout: str = "contiguous"
     max_block: int | None = None
     skip_unit: bool = False  # backward of one-block rows (the forward kernel wrote the gradient)
+    two_sweeps: bool = False  # the same-program design for streamed rows (launch.Tuning.two_sweeps)
 
 
 def _tensors(config: Config):
@@ -145,8 +147,9 @@ def plan(config: Config):
     scale = torch.ones(())
     max_block = config.max_block or launch.MAX_BLOCK
     if config.kernel == "forward":
-        planned, _ = launch.plan_forward(x, target, weight, -100, smoothing, z_loss, softcap, scale, True,
-                                         max_block=max_block)
+        with launch.tuned(two_sweeps=config.two_sweeps, programs=132):
+            planned, _ = launch.plan_forward(x, target, weight, -100, smoothing, z_loss, softcap, scale, True,
+                                             max_block=max_block)
     else:
         stats = torch.zeros(3, x.shape[0])
         upstream = torch.ones(())
@@ -229,7 +232,7 @@ def compile_config(config: Config, capability: int) -> Resources:
     total, loop, early_exit = sass_instructions(sass)
     per_thread = max(1, block // (32 * planned.num_warps))
     if config.kernel == "forward":
-        kind = "forward (one block)" if single else "forward (streamed)"
+        kind = "forward (one block)" if single else "forward (two sweeps)" if config.two_sweeps else "forward (streamed)"
     else:
         kind = "backward (one block)" if config.skip_unit else "backward"
     instructions = total if config.kernel == "forward" and single else loop
@@ -269,6 +272,9 @@ def configurations() -> list[tuple[Config, int]]:
         out.append((Config("forward", _limit(every), features=every), capability))
         out.append((Config("forward", 2 * MAX_BLOCK, features=every), capability))
         out.append((Config("backward", 2 * MAX_BLOCK, features=every), capability))
+        # the same-program design (provisional, see launch.Tuning): both sweeps of a row per logit
+        out.append((Config("forward", 2 * MAX_BLOCK, two_sweeps=True), capability))
+    out.append((Config("forward", 2 * MAX_BLOCK, features=every, two_sweeps=True), 90))
     for features in FEATURE_SETS[1:-1]:
         out.append((Config("forward", _limit(features), features=features), 90))
         out.append((Config("forward", 2 * MAX_BLOCK, features=features), 90))

@@ -18,6 +18,14 @@ gradient depends on the row's length:
   the gradient's coefficient); the backward kernel re-reads the logits and
   writes the gradient times the upstream gradient. Forward + backward: 2 reads
   and 1 write per logit, for any upstream gradient (the flash-attention design).
+- ``TWO_SWEEPS`` (the same-program design, Liger-Kernel's): the forward program
+  sweeps a streamed row a second time right away and writes the gradient at
+  upstream 1, as for one-block rows, on a persistent grid (rows pid, pid + P,
+  ...) small enough for the rows in flight to stay in L2, so that the second
+  read can come from L2 instead of memory. Which design is faster, and where
+  the one-block limit should be, only a GPU can tell:
+  ``celib.kernels.launch.Tuning`` holds both choices, provisional until
+  ``benchmarks/gpu_check.py`` has timed them.
 
 Every option is a compile-time flag (``tl.constexpr``): the plain case (index
 targets, no weights, smoothing, z-loss or soft-capping) carries none of their
@@ -184,13 +192,34 @@ def _gradient(e, z, w, offs, mask, k, target, c_t, scale, softcap, HAS_MASS: tl.
 
 
 @triton.jit
-def forward_kernel(
+def _sweep_gradient(x_row, q_row, g_row, weight_ptr, m, log_d, coef, target, c_t, scale, stride_lc, stride_tc,
+                    stride_gc, n_cols, smoothing, softcap, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """One sweep over a streamed row: re-reads its logits in blocks and writes scale * dloss/dz from the
+    row's statistics (m, log d, coef). The backward kernel's loop, and the forward kernel's second sweep
+    with ``TWO_SWEEPS``."""
+    cols = tl.arange(0, BLOCK)
+    log2_d = log_d * LOG2E
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing,
+                           softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+        p = tl.exp2((z - m) * LOG2E - log2_d)  # 0 for a -inf logit
+        g = _gradient(p, z, w, offs, mask, coef, target, c_t, scale, softcap, PROB_TARGET or HAS_SMOOTHING,
+                      PROB_TARGET, HAS_SOFTCAP)
+        tl.store(g_row + offs * stride_gc, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _forward_row(
+    row,  # int64: which row (64-bit from here on: row * stride never overflows)
     # logits as (N, S, C): batch, inner position, class
     logits_ptr, stride_ln, stride_ls, stride_lc,
     # index targets (N*S,) or probabilities (N, S, C)
     target_ptr, stride_tn, stride_ts, stride_tc,
     weight_ptr,  # (C,) float32 class weights, read only if HAS_WEIGHT
-    # gradient (SINGLE_BLOCK and COMPUTE_GRAD only), may alias the logits
+    # gradient (COMPUTE_GRAD: one block, or TWO_SWEEPS), may alias the logits
     grad_ptr, stride_gn, stride_gs, stride_gc,
     # (N*S,) float32 loss and lse; (3, N*S) float32 m, log d, coef
     loss_ptr, lse_ptr, stats_ptr,
@@ -201,9 +230,8 @@ def forward_kernel(
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    TWO_SWEEPS: tl.constexpr,
 ):
-    # 64-bit from here on: row * stride never overflows
-    row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
     q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
     cols = tl.arange(0, BLOCK)
@@ -282,6 +310,59 @@ def forward_kernel(
         g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
         g_out = g.to(grad_ptr.dtype.element_ty)
         tl.store(g_row + cols * stride_gc, g_out, mask=mask)
+    if COMPUTE_GRAD and TWO_SWEEPS:  # a streamed row, swept again now
+        scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)
+        g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
+        _sweep_gradient(x_row, q_row, g_row, weight_ptr, m, log_d, coef,
+                        target, c_t, scale, stride_lc, stride_tc,
+                        stride_gc, n_cols, smoothing, softcap,
+                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
+                        HAS_SOFTCAP, BLOCK)
+
+
+@triton.jit
+def forward_kernel(
+    # logits as (N, S, C): batch, inner position, class
+    logits_ptr, stride_ln, stride_ls, stride_lc,
+    # index targets (N*S,) or probabilities (N, S, C)
+    target_ptr, stride_tn, stride_ts, stride_tc,
+    weight_ptr,  # (C,) float32 class weights, read only if HAS_WEIGHT
+    # gradient (COMPUTE_GRAD: one block, or TWO_SWEEPS), may alias the logits
+    grad_ptr, stride_gn, stride_gs, stride_gc,
+    # (N*S,) float32 loss and lse; (3, N*S) float32 m, log d, coef
+    loss_ptr, lse_ptr, stats_ptr,
+    grad_scale_ptr,  # () float32: 1 / the mean's denominator, or 1
+    n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
+    # the options, each a compile-time flag
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    TWO_SWEEPS: tl.constexpr,
+):
+    """Loss and row statistics of every row; the gradient at upstream 1 of one-block rows, and, with
+    ``TWO_SWEEPS`` (the same-program design for streamed rows), of streamed rows in a second sweep.
+
+    One program per row; with ``TWO_SWEEPS`` a persistent grid whose programs take rows pid, pid + P,
+    ... so that the rows in flight, read again at once, can still be in L2.
+    """
+    if TWO_SWEEPS:
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            _forward_row(tl.cast(row, tl.int64), logits_ptr, stride_ln, stride_ls, stride_lc,
+                         target_ptr, stride_tn, stride_ts, stride_tc, weight_ptr,
+                         grad_ptr, stride_gn, stride_gs, stride_gc,
+                         loss_ptr, lse_ptr, stats_ptr, grad_scale_ptr,
+                         n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
+                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+                         COMPUTE_GRAD, BLOCK, SINGLE_BLOCK, TWO_SWEEPS)
+    else:
+        _forward_row(tl.program_id(0).to(tl.int64), logits_ptr, stride_ln, stride_ls, stride_lc,
+                     target_ptr, stride_tn, stride_ts, stride_tc, weight_ptr,
+                     grad_ptr, stride_gn, stride_gs, stride_gc,
+                     loss_ptr, lse_ptr, stats_ptr, grad_scale_ptr,
+                     n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
+                     PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+                     COMPUTE_GRAD, BLOCK, SINGLE_BLOCK, TWO_SWEEPS)
 
 
 @triton.jit
@@ -311,7 +392,6 @@ def backward_kernel(
         x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
         q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
         g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
-        cols = tl.arange(0, BLOCK)
         if PROB_TARGET:
             target = -1
             kept = True
@@ -327,18 +407,12 @@ def backward_kernel(
             if HAS_SMOOTHING:
                 c_t = (1.0 - smoothing) * c_t
         m = tl.load(stats_ptr + row)
-        log2_d = tl.load(stats_ptr + n_rows + row) * LOG2E
+        log_d = tl.load(stats_ptr + n_rows + row)
         scale = tl.where(kept, tl.load(grad_scale_ptr) * up, 0.0)
         coef = tl.load(stats_ptr + 2 * n_rows + row)
-        for start in range(0, n_cols, BLOCK):
-            offs = start + cols
-            mask = offs < n_cols
-            z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing,
-                               softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
-            p = tl.exp2((z - m) * LOG2E - log2_d)  # 0 for a -inf logit
-            g = _gradient(p, z, w, offs, mask, coef, target, c_t, scale, softcap, PROB_TARGET or HAS_SMOOTHING,
-                          PROB_TARGET, HAS_SOFTCAP)
-            tl.store(g_row + offs * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        _sweep_gradient(x_row, q_row, g_row, weight_ptr, m, log_d, coef, target, c_t, scale, stride_lc, stride_tc,
+                        stride_gc, n_cols, smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                        BLOCK)
 
 
 @triton.jit

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -15,16 +17,71 @@ from celib.errors import InputError
 #: Rows up to this length are read once (forward + backward), longer ones twice. Compiled as a launch
 #: specialises them (``python -m celib.kernels.compile``), one-block rows of 16384 bf16 logits take 54-60
 #: registers per thread at 16 warps on sm_80, sm_90a and sm_100a, with no spill; see ``max_block_for``
-#: for the options that need more.
+#: for the options that need more. Provisional: see :class:`Tuning`.
 MAX_BLOCK = 16384
 #: The largest one-block row when probability targets or soft-capping are on (more values live per logit).
 MAX_BLOCK_HEAVY = 8192
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """The launch choices that only a GPU's clock can settle, **provisional** until
+    ``benchmarks/gpu_check.py`` has timed them on one (it times each alternative; no GPU has run it yet).
+
+    Attributes:
+        max_block: the one-block limit: rows up to it are read once, longer rows are streamed.
+            16384 compiles without spilling, but so does 32768 (101 registers at 16 warps on sm_90a),
+            which would read 32k vocabularies (Llama 2, Mistral) once instead of twice.
+        num_warps: warps per program; None for :func:`num_warps`' rule.
+        two_sweeps: the design for streamed rows. False, the split design (flash-attention's): the
+            forward kernel writes only the row statistics and the backward kernel re-reads the row.
+            True, the same-program design (Liger-Kernel's): the forward program sweeps its row a
+            second time at once and writes the gradient at upstream 1, and backward moves nothing at
+            upstream 1. Both move 2 reads + 1 write per logit at upstream 1 (at another upstream the
+            same-program design moves 3 R + 2 W, the split one still 2 R + 1 W); the same-program
+            second read can come from L2, its row having just been read, which is why its grid is
+            persistent (``programs``).
+        programs: programs of the same-program design's persistent grid, each taking rows pid,
+            pid + programs, ...; so at most this many rows are in flight. None: as many rows as fit
+            in half the GPU's L2 cache, at least one per SM (on a CPU: one program per row).
+    """
+
+    max_block: int = MAX_BLOCK
+    num_warps: int | None = None
+    two_sweeps: bool = False
+    programs: int | None = None
+
+
+_tuning = Tuning()
+
+
+def tuning() -> Tuning:
+    """The launch choices in force (see :class:`Tuning`)."""
+    return _tuning
+
+
+@contextlib.contextmanager
+def tuned(**changes) -> Iterator[Tuning]:
+    """Launch with other choices inside a ``with`` block, e.g. ``tuned(max_block=32768, num_warps=8)``;
+    for ``benchmarks/gpu_check.py`` and the tests. Not thread-safe: a process-wide setting."""
+    global _tuning
+    before = _tuning
+    new = dataclasses.replace(before, **changes)
+    if new.max_block < 1 or new.max_block & (new.max_block - 1):
+        raise InputError(f"max_block must be a power of two, got {new.max_block}.")
+    _tuning = new
+    try:
+        yield new
+    finally:
+        _tuning = before
+
+
 def max_block_for(probability_target: bool, softcap: bool) -> int:
-    """The largest block for a call: :data:`MAX_BLOCK`, or :data:`MAX_BLOCK_HEAVY` with probability
-    targets or soft-capping, whose one-block rows of 16384 spill on some GPUs (the compile table)."""
-    return MAX_BLOCK_HEAVY if probability_target or softcap else MAX_BLOCK
+    """The largest block for a call: the one-block limit (:data:`MAX_BLOCK` unless :func:`tuned`), or
+    at most :data:`MAX_BLOCK_HEAVY` with probability targets or soft-capping, whose one-block rows of 16384
+    spill on some GPUs (the compile table)."""
+    limit = _tuning.max_block
+    return min(limit, MAX_BLOCK_HEAVY) if probability_target or softcap else limit
 
 
 def num_warps(block: int) -> int:
@@ -35,9 +92,24 @@ def num_warps(block: int) -> int:
     and sm_100a): more warps shorten the block reductions per thread but spend more instructions per
     logit on them (one-block bf16 forward on sm_90a at 16384: 8 warps 16.0 instructions per logit and
     105 registers, 16 warps 17.9 and 56, 32 warps 23.4 and 32); fewer warps hold more values per thread,
-    and with every option on 8 warps at 16384 spill.
+    and with every option on 8 warps at 16384 spill. Provisional: see :class:`Tuning`.
     """
     return max(4, min(16, block // 1024))
+
+
+def _warps(block: int) -> int:
+    return _tuning.num_warps or num_warps(block)
+
+
+def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
+    """The persistent grid of the same-program design (see :class:`Tuning`)."""
+    if _tuning.programs is not None:
+        return max(1, min(rows, _tuning.programs))
+    if device.type != "cuda":
+        return rows
+    props = torch.cuda.get_device_properties(device)
+    fit = props.L2_cache_size // 2 // max(1, row_bytes)
+    return max(1, min(rows, max(props.multi_processor_count, fit)))
 
 
 @lru_cache(maxsize=None)
@@ -51,6 +123,14 @@ def _kernels():
     """
     from celib.kernels import kernel  # Triton's mode was chosen when triton was first imported
 
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel.forward_kernel, InterpretedFunction):
+        import triton
+
+        from celib._versions import check_interpreter
+
+        check_interpreter(triton.__version__, np.__version__)
     return kernel
 
 
@@ -62,10 +142,11 @@ def interpreted() -> bool:
     return isinstance(kernel.forward_kernel, InterpretedFunction)
 
 
-def block_size(num_classes: int, max_block: int = MAX_BLOCK, *, probability_target: bool = False,
+def block_size(num_classes: int, max_block: int | None = None, *, probability_target: bool = False,
                softcap: bool = False) -> int:
     """Power-of-two block: the whole row if it fits in ``max_block`` (capped by :func:`max_block_for`
-    for the call's options), else that cap."""
+    for the call's options; None: that cap alone), else that cap."""
+    max_block = max_block or _tuning.max_block
     return min(triton_next_power_of_2(num_classes), max_block, max_block_for(probability_target, softcap))
 
 
@@ -163,36 +244,39 @@ def _upstream_strides(upstream: torch.Tensor, n: int, s: int) -> tuple[torch.Ten
 
 
 def plan_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, compute_grad,
-                 grad_out=None, max_block=MAX_BLOCK) -> tuple[Launch, Forward]:
+                 grad_out=None, max_block=None) -> tuple[Launch, Forward]:
     """The forward launch and the tensors it writes (see :func:`forward`), without running it."""
     n, c, s = logits.shape
     rows, device = n * s, logits.device
     block = block_size(c, max_block, probability_target=target.is_floating_point(), softcap=softcap is not None)
     single = block >= c
+    two_sweeps = _tuning.two_sweeps and not single
     loss = torch.empty(rows, dtype=torch.float32, device=device)
     lse = torch.empty(rows, dtype=torch.float32, device=device)
     stats = torch.empty(3, rows, dtype=torch.float32, device=device)
     grad = None
-    if compute_grad and single:
+    if compute_grad and (single or two_sweeps):
         grad = grad_out if grad_out is not None else torch.empty((n, c, s), dtype=logits.dtype, device=device)
     g = grad if grad is not None else logits  # never written without the gradient
     args = (logits, *_strides(logits), target, *_target_strides(target), _weight(weight, loss), g, *_strides(g),
             loss, lse, stats, grad_scale,
             rows, s, c, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0))
     flags = dict(_flags(target, weight, label_smoothing, softcap), HAS_Z_LOSS=float(z_loss) != 0.0,
-                 COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single)
-    return Launch("forward_kernel", (rows,), args, flags, num_warps(block)), Forward(loss, lse, stats, grad)
+                 COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single, TWO_SWEEPS=two_sweeps)
+    grid = _programs(rows, c * logits.element_size(), device) if two_sweeps else rows
+    return Launch("forward_kernel", (grid,), args, flags, _warps(block)), Forward(loss, lse, stats, grad)
 
 
 def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, compute_grad,
-            grad_out=None, max_block=MAX_BLOCK) -> Forward:
+            grad_out=None, max_block=None) -> Forward:
     """Run the forward kernel over every row.
 
     Args:
         logits: (N, C, S) view (see :func:`as_rows`), float16/bfloat16/float32, any strides.
         target: (N*S,) integer class indices, or (N, C, S) probabilities.
         grad_scale: () float32 device tensor multiplying every gradient row (1 / mean's denominator).
-        compute_grad: write the gradient now, if the row fits in one block (else backward does).
+        compute_grad: write the gradient now, if the row fits in one block or ``tuning().two_sweeps``
+            (else backward does).
         grad_out: where to write it ((N, C, S), e.g. the logits themselves); a new tensor if None.
     """
     _check_device(logits)
@@ -203,7 +287,7 @@ def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softc
 
 
 def plan_backward(logits, target, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, upstream,
-                  grad_out=None, max_block=MAX_BLOCK, skip_unit_upstream=False) -> tuple[Launch, torch.Tensor]:
+                  grad_out=None, max_block=None, skip_unit_upstream=False) -> tuple[Launch, torch.Tensor]:
     """The backward launch and the gradient it writes (see :func:`backward`), without running it."""
     n, c, s = logits.shape
     grad = grad_out if grad_out is not None else torch.empty((n, c, s), dtype=logits.dtype, device=logits.device)
@@ -214,11 +298,11 @@ def plan_backward(logits, target, weight, ignore_index, label_smoothing, softcap
             n * s, s, c, ignore_index, float(label_smoothing), float(softcap or 1.0))
     flags = dict(_flags(target, weight, label_smoothing, softcap), SKIP_UNIT_UPSTREAM=skip_unit_upstream,
                  BLOCK=block)
-    return Launch("backward_kernel", (n * s,), args, flags, num_warps(block)), grad
+    return Launch("backward_kernel", (n * s,), args, flags, _warps(block)), grad
 
 
 def backward(logits, target, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, upstream,
-             grad_out=None, max_block=MAX_BLOCK, skip_unit_upstream=False) -> torch.Tensor:
+             grad_out=None, max_block=None, skip_unit_upstream=False) -> torch.Tensor:
     """The gradient from the logits and the forward kernel's statistics: grad_scale * upstream * dloss/dz.
 
     ``upstream`` is a () tensor (mean, sum) or of the batch shape (reduction="none"), any strides (an
@@ -232,7 +316,7 @@ def backward(logits, target, weight, ignore_index, label_smoothing, softcap, sta
     return grad
 
 
-def scale_(grad: torch.Tensor, upstream: torch.Tensor, max_block=MAX_BLOCK) -> torch.Tensor:
+def scale_(grad: torch.Tensor, upstream: torch.Tensor, max_block=None) -> torch.Tensor:
     """grad (N, C, S) *= upstream (() or the batch shape, any strides) in place; nothing moves where it is 1.
 
     Only for ``inplace_backward``, where the logits are gone: the gradient is rounded a second time.
@@ -241,5 +325,5 @@ def scale_(grad: torch.Tensor, upstream: torch.Tensor, max_block=MAX_BLOCK) -> t
     up, stride_un, stride_us = _upstream_strides(upstream, n, s)
     block = block_size(c, max_block)
     Launch("scale_kernel", (n * s,), (grad, *_strides(grad), up, stride_un, stride_us, s, c), dict(BLOCK=block),
-           num_warps(block)).run(grad.device)
+           _warps(block)).run(grad.device)
     return grad

@@ -77,13 +77,15 @@ def _recording_kernels():
     load, store = builder.create_masked_load, builder.create_masked_store
     call = interpreter.GridExecutor.__call__
 
-    def counting_load(ptrs, mask, other, cache_policy, is_volatile):
+    # The cache and eviction arguments after these differ between Triton versions (3.6 has an
+    # eviction policy that 3.9 folds away): they are passed on as they come.
+    def counting_load(ptrs, mask, *rest):
         events.append(("load", np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel().copy()))
-        return load(ptrs, mask, other, cache_policy, is_volatile)
+        return load(ptrs, mask, *rest)
 
-    def counting_store(ptrs, value, mask, cache_policy):
+    def counting_store(ptrs, value, mask, *rest):
         events.append(("store", np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel().copy()))
-        return store(ptrs, value, mask, cache_policy)
+        return store(ptrs, value, mask, *rest)
 
     def launch_unseen_by_torch_counter(self, *args, **kwargs):
         with _Paused():  # the interpreter copies each argument's storage around the launch: not GPU traffic
