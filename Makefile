@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := book,test,triton
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: book test unit nbval portability build-strict browser chromium pdf texlive notebooks bench clean
+.PHONY: book test unit oldest-triton nbval portability build-strict browser chromium pdf texlive notebooks bench clean
 
 # (Re)install only when the dependency declarations change.
 $(STAMP): pyproject.toml constraints.txt
@@ -20,11 +20,26 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build --quiet .
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
-test: unit nbval portability build-strict browser
+test: unit oldest-triton nbval portability build-strict browser
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests --ignore=tests/browser --ignore=tests/pdf -q
 	$(BIN)/python -m pytest --doctest-modules celib -q  # the examples of the API reference
+
+# The kernel tests again with the oldest Triton celib declares (pyproject.toml, celib/_versions.py), installed
+# into its own folder and put in front of the pinned one. Its interpreter needs NumPy < 2.4 (_versions.py).
+OLDEST_TRITON := 3.6.0
+OLDEST_TRITON_NUMPY := 2.3.5
+OLDEST := $(VENV)/oldest-triton
+$(OLDEST)/.installed: $(STAMP) Makefile
+	rm -rf $(OLDEST)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(OLDEST) triton==$(OLDEST_TRITON) numpy==$(OLDEST_TRITON_NUMPY)
+	touch $@
+
+oldest-triton: $(OLDEST)/.installed
+	PYTHONPATH=$(OLDEST) $(BIN)/python -c "import triton, numpy; assert triton.__version__ == '$(OLDEST_TRITON)', triton.__file__; print('triton', triton.__version__, 'numpy', numpy.__version__)"
+	PYTHONPATH=$(OLDEST) $(BIN)/python -m pytest tests/test_kernels.py tests/test_upstream.py tests/test_gpu_compile.py \
+	  tests/test_benchmarks.py -q -W "ignore:Conversion of an array with ndim:DeprecationWarning"
 
 nbval: $(STAMP)
 	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with .nbval-sanitize.cfg chapters using_celib.ipynb -q

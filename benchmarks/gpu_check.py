@@ -1,28 +1,55 @@
 """Check celib's kernel on a GPU against float64, then time it: one script, for the first GPU at hand.
 
-Part 1, correctness, on the device: every kernel path against a float64 truth
-computed on the same device (celib's torch backend in float64): rows in one
-block and streamed rows; every option (class weights, label smoothing,
-ignore_index, z-loss, soft-capping, probability targets); bfloat16, float16
-and float32 logits; masked (-inf) logits; a strided input; upstream gradients
-of 1 and per row; and int64 offsets at N * C > 2**31. Half-precision gradients
-must be correctly rounded (within half a unit in the last place of the truth,
-plus float32's own error); Triton's interpreter truncates float32 -> bfloat16,
-so without a GPU a whole unit is allowed for bfloat16.
+Part 1, correctness, on the device, all of it before any timing: every kernel
+path against a float64 truth computed on the same device (celib's torch
+backend in float64): rows in one block and streamed rows; every option (class
+weights, label smoothing, ignore_index, z-loss, soft-capping, probability
+targets); bfloat16, float16 and float32 logits; masked (-inf) logits; a strided
+input; upstream gradients of 1 and per row; int64 offsets at N * C > 2**31; and
+the alternatives timed below (the same-program design, a 32768-logit block).
+Half-precision gradients must be correctly rounded (within half a unit in the
+last place of the truth, plus float32's own error); Triton's interpreter
+truncates float32 -> bfloat16, so without a GPU a whole unit is allowed there.
 
 Part 2, timing (GPU only): forward + backward of bf16 logits, index targets,
-``loss.backward()``, for celib, PyTorch eager, eager on a float32 upcast,
-``torch.compile`` of eager, and Liger-Kernel's loss when it is importable.
-CUDA events, the median of ``--repeats`` runs after warm-up, over several
-input buffers in rotation so that L2 does not serve a repeat; achieved GB/s
-against celib's floor of 1 read + 1 write of every logit (2 x 2 bytes).
+``loss.backward()``, with CUDA events, the median of ``--repeats`` runs after
+warm-up, over several input buffers in rotation so that L2 does not serve a
+repeat; GB/s counted as 1 read + 1 write of every logit (2 x 2 bytes). In
+this order (see :func:`plan`), so that a run cut short keeps what matters most:
 
-Without a GPU the correctness part runs at tiny sizes under Triton's
-interpreter (``tests/test_benchmarks.py`` runs it, so it cannot rot), and no
-time is measured or printed.
+1. (8192, 128256): celib's split design for long rows against the same-program
+   design (``celib.kernels.launch.Tuning.two_sweeps``) on persistent grids of
+   four sizes, and the peers (PyTorch eager, eager on a float32 upcast,
+   ``torch.compile``, Liger-Kernel).
+2. C = 16384, 32000, 32768: the one-block limit at 16384 and at 32768, each at
+   two warp counts (``Tuning.max_block``, ``Tuning.num_warps``).
+3. (32768, 8192) and (16384, 16384): celib as shipped and the peers.
 
-Needs torch >= 2.9 and triton >= 3.4 (a GPU machine may have older versions
-than the pins). Writes ``gpu_check.md`` and ``gpu_check.json`` into ``--out``.
+Each row is saved as soon as it is measured (``gpu_check.md`` and
+``gpu_check.json`` in ``--out``), with the versions, the device and its
+clocks; the markdown ends with what the timings support. celib's launch
+choices are provisional until this has run on a GPU.
+
+Without a GPU the checks run at tiny sizes under Triton's interpreter, and the
+timing plan runs each variant once, untimed, at N = 2 (``make test`` does both,
+with the pinned Triton and the oldest supported one); no time is printed.
+
+Versions: runs with torch >= 2.9 and triton >= 3.6 (the GPU machines carry
+torch 2.11 and triton 3.6). On this project's GPU machines (Python 3.12,
+nothing to install from outside), from the repository root:
+
+1. here, once: ``bash benchmarks/gpu_wheels.sh`` (Liger-Kernel's wheel into
+   the ignored ``.whl/``; nothing else gpu_check needs is missing there);
+2. on the device, carrying ``.whl``, with a 600 s limit::
+
+     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+     && PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+     python3 benchmarks/gpu_check.py --out $OUT
+
+   (one line). Not yet run on a GPU; the estimate, from the plan: the checks
+   take well under a minute, the timings about 5-7 minutes, most of it
+   ``torch.compile``'s and Triton's compiles and the (8192, 128256) float64
+   reference; ``--repeats 10`` shortens it.
 
 Run: ``python benchmarks/gpu_check.py --out DIR [--repeats 30]``
 """
@@ -35,6 +62,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,6 +88,7 @@ class Case:
     layout: str = "contiguous"  # or "strided": every other row of a wider buffer, columns strided
     masked: bool = False
     prob_target: bool = False
+    tuning: dict = field(default_factory=dict)  # launch.tuned(**tuning): the choices gpu_check times
 
 
 def cases(gpu: bool) -> list[Case]:
@@ -85,6 +114,15 @@ def cases(gpu: bool) -> list[Case]:
     out.append(Case("masked -inf logits", n, one, masked=True, max_block=streamed_block and 128))
     out.append(Case("masked -inf logits, streamed", n, long, masked=True, max_block=streamed_block))
     out.append(Case("strided input", n, one, layout="strided", max_block=streamed_block and 128))
+    # the alternatives the timings compare, checked first: the same-program design, a 32768 block
+    same = dict(two_sweeps=True, programs=None if gpu else 2)
+    out.append(Case("same program, streamed", n, long, max_block=streamed_block, tuning=same))
+    out.append(Case("same program, every option", n, long, options=every, max_block=streamed_block,
+                    tuning=same))
+    out.append(Case("same program, reduction none", n, long, reduction="none", max_block=streamed_block,
+                    tuning=same))
+    out.append(Case("one block at limit 32768, 32 warps", n, 32768 if gpu else 200,
+                    tuning=dict(max_block=32768 if gpu else 256, num_warps=32 if gpu else None)))
     return out
 
 
@@ -123,12 +161,16 @@ def _ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def check(case: Case, device: str, interpreted: bool) -> dict:
+    from celib.kernels import launch
+
     x, t, opts = _inputs(case, device)
     a = x.detach().clone().requires_grad_(True)
-    loss = kernels.triton_cross_entropy(a, t, reduction=case.reduction, max_block=case.max_block,
-                                        loss_dtype=torch.float32, **opts)
-    up = (torch.rand(loss.shape, device=device, dtype=torch.float64) + 0.5) if case.reduction == "none" else None
-    (loss * up.float()).sum().backward() if up is not None else loss.backward()
+    with launch.tuned(**case.tuning):
+        loss = kernels.triton_cross_entropy(a, t, reduction=case.reduction, max_block=case.max_block,
+                                            loss_dtype=torch.float32, **opts)
+        up = (torch.rand(loss.shape, device=device, dtype=torch.float64) + 0.5) if case.reduction == "none" \
+            else None
+        (loss * up.float()).sum().backward() if up is not None else loss.backward()
     x64 = x.detach().double().requires_grad_(True)
     opts64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
     t64 = t.double() if t.is_floating_point() else t
@@ -183,32 +225,78 @@ def check_int64_offsets(device: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------- timing
 
-SHAPES = [(32768, 8192), (16384, 16384), (8192, 32000), (8192, 128256)]
+
+@dataclass
+class Variant:
+    """One thing timed: an implementation, and the launch choices (``launch.tuned``) it runs under."""
+
+    question: str  # the decision it informs: "long rows", "one-block limit", "peers"
+    impl: str
+    fn: object
+    tuning: dict = field(default_factory=dict)
 
 
-def candidates() -> dict:
-    found = {
-        "celib": lambda x, t: celib.cross_entropy(x, t, backend="triton", check_inputs=False),
-        "eager": F.cross_entropy,
-        "eager_fp32": lambda x, t: F.cross_entropy(x.float(), t),
-        "compile": torch.compile(F.cross_entropy),
-    }
-    try:
-        from liger_kernel.transformers import LigerCrossEntropyLoss
-
-        found["liger"] = LigerCrossEntropyLoss()
-    except Exception:  # noqa: BLE001 - not installed, or it fails to import on this machine
-        pass
-    return found
+def _celib(x, t):
+    return celib.cross_entropy(x, t, backend="triton", check_inputs=False)
 
 
-def time_one(fn, buffers, target, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median ms, peak GB above the inputs) of forward + backward, rotating over ``buffers``."""
+def peers(gpu: bool) -> list[Variant]:
+    """PyTorch eager, eager on a float32 upcast, torch.compile, Liger-Kernel where importable (GPU only
+    for the last two: under the interpreter they would time nothing of a GPU)."""
+    out = [Variant("peers", "eager", F.cross_entropy),
+           Variant("peers", "eager_fp32", lambda x, t: F.cross_entropy(x.float(), t))]
+    if gpu:
+        out.append(Variant("peers", "compile", torch.compile(F.cross_entropy)))
+        try:
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+
+            out.append(Variant("peers", "liger", LigerCrossEntropyLoss()))
+        except Exception as err:  # noqa: BLE001 - not installed, or it fails to import: said in the table
+            out.append(Variant("peers", f"liger (not importable: {type(err).__name__})", None))
+    return out
+
+
+def plan(gpu: bool) -> list[tuple[int, int, list[Variant]]]:
+    """(N, C, variants) in the order they run: the shape that matters most first.
+
+    1. (8192, 128256), long rows: the split design (streamed forward, backward re-reads) against the
+       same-program design (two sweeps in the forward program) on persistent grids of several sizes,
+       and the peers.
+    2. C = 16384, 32000, 32768: the one-block limit at 16384 (longer rows streamed) and at 32768 (one
+       block), each at two warp counts.
+    3. The other shapes, celib as shipped and the peers.
+    Without a GPU the same plan runs at N = 2 under the interpreter (no time is measured).
+    """
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if gpu else 2
+    n = 8192 if gpu else 2
+    long_rows = [Variant("long rows", "celib, split", _celib, dict(two_sweeps=False))]
+    for programs in (None, sms, 2 * sms, 4 * sms):
+        name = "L2-sized" if programs is None else f"{programs}"
+        long_rows.append(Variant("long rows", f"celib, same program, grid {name}", _celib,
+                                 dict(two_sweeps=True, programs=programs)))
+    out = [(n, 128256, long_rows + peers(gpu))]
+    for c in (16384, 32000, 32768):
+        limit = []
+        for max_block, warps in ((16384, 8), (16384, 16), (32768, 16), (32768, 32)):
+            limit.append(Variant("one-block limit", f"celib, limit {max_block}, {warps} warps", _celib,
+                                 dict(max_block=max_block, num_warps=warps)))
+        out.append((n, c, limit + (peers(gpu) if c == 32000 else [])))
+    for shape in ((32768, 8192), (16384, 16384)) if gpu else ((4, 8192),):
+        out.append((*shape, [Variant("peers", "celib", _celib)] + peers(gpu)))
+    return out
+
+
+def time_one(fn, buffers, target, warmup: int, repeats: int, gpu: bool) -> tuple[float | None, float | None]:
+    """(median ms, peak GB above the inputs) of forward + backward, rotating over ``buffers``; without a
+    GPU the step runs once, untimed: (None, None)."""
 
     def step(i):
         x = buffers[i % len(buffers)].detach().requires_grad_(True)
         fn(x, target).backward()
 
+    if not gpu:
+        step(0)
+        return None, None
     for i in range(warmup):
         step(i)
     torch.cuda.synchronize()
@@ -225,48 +313,129 @@ def time_one(fn, buffers, target, warmup: int, repeats: int) -> tuple[float, flo
     return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
-def timings(repeats: int, warmup: int) -> list[dict]:
-    rows = []
-    for n, c in SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        k = 4 if n * c * 2 * 4 < 12e9 else 2
-        buffers = [torch.randn(n, c, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(k)]
-        target = torch.randint(0, c, (n,), device="cuda", generator=g)
-        floor_bytes = 2 * n * c * 2
-        for name, fn in candidates().items():
-            try:
-                ms, peak = time_one(fn, buffers, target, warmup, repeats)
-            except Exception as err:  # noqa: BLE001 - report, do not hide: a candidate that fails is a row
-                rows.append(dict(n=n, c=c, impl=name, error=f"{type(err).__name__}: {err}"[:200]))
-                continue
-            rows.append(dict(n=n, c=c, impl=name, median_ms=ms, gb_s=floor_bytes / (ms * 1e-3) / 1e9,
-                             floor_ms_at_3_35_tb_s=floor_bytes / 3.35e12 * 1e3, peak_gb=peak))
-        del buffers
-        torch.cuda.empty_cache()
-    return rows
+def timings(report: "Report", repeats: int, warmup: int, gpu: bool) -> None:
+    """Time every variant of :func:`plan`, saving the report after each row (a timeout keeps what ran)."""
+    from celib.kernels import launch
 
-
-def markdown(info: dict, checks: list[dict], times: list[dict]) -> str:
-    lines = [f"# celib GPU check: {info['device']}", "",
-             f"torch {info['torch']}, triton {info['triton']}, celib block limit {info['max_block']}", "",
-             "## Correctness against float64 (on the device)", "",
-             "| case | N | C | dtype | result | detail |", "|---|---:|---:|---|---|---|"]
-    for r in checks:
-        lines.append(f"| {r['case']} | {r['n']} | {r['c']} | {r['dtype']} | {'pass' if r['ok'] else 'FAIL'} | "
-                     f"{r['notes']} |")
-    lines += ["", "## Forward + backward, bf16, index targets, upstream 1 (measured)", ""]
-    if not times:
-        lines.append(info["timing_note"])
-    else:
-        lines += ["| N | C | implementation | median ms | GB/s vs 1R+1W floor | floor ms at 3.35 TB/s | peak GB |",
-                  "|---:|---:|---|---:|---:|---:|---:|"]
-        for r in times:
-            if "error" in r:
-                lines.append(f"| {r['n']} | {r['c']} | {r['impl']} | failed: {r['error']} | | | |")
+    device = "cuda" if gpu else "cpu"
+    for n, c, variants in plan(gpu):
+        g = torch.Generator(device=device).manual_seed(0)
+        k = (4 if n * c * 2 * 4 < 12e9 else 2) if gpu else 1
+        buffers = [torch.randn(n, c, device=device, dtype=torch.bfloat16, generator=g) for _ in range(k)]
+        target = torch.randint(0, c, (n,), device=device, generator=g)
+        floor_bytes = 2 * n * c * 2  # 1 read + 1 write of every bf16 logit
+        for v in variants:
+            row = dict(question=v.question, n=n, c=c, impl=v.impl)
+            if v.fn is None:
+                row["error"] = "not run"
             else:
-                lines.append(f"| {r['n']} | {r['c']} | {r['impl']} | {r['median_ms']:.3f} | {r['gb_s']:.0f} | "
-                             f"{r['floor_ms_at_3_35_tb_s']:.3f} | {r['peak_gb']:.2f} |")
-    return "\n".join(lines) + "\n"
+                try:
+                    with launch.tuned(**v.tuning):
+                        if v.fn is _celib:  # what the launch choices make of this row, and its accuracy
+                            row["block"] = launch.block_size(c)
+                            with torch.no_grad():
+                                loss = float(v.fn(buffers[0], target))
+                            exact = float(F.cross_entropy(buffers[0].double(), target))
+                            row["loss_rel_error"] = abs(loss - exact) / abs(exact)
+                        ms, peak = time_one(v.fn, buffers, target, warmup, repeats, gpu)
+                except Exception as err:  # noqa: BLE001 - report, do not hide: a variant that fails is a row
+                    row["error"] = f"{type(err).__name__}: {err}"[:200]
+                else:
+                    row.update(median_ms=ms, peak_gb=peak,
+                               gb_s=None if ms is None else floor_bytes / (ms * 1e-3) / 1e9)
+            report.timings.append(row)
+            report.save()
+        del buffers
+        if gpu:
+            torch.cuda.empty_cache()
+
+
+def decisions(times: list[dict]) -> list[str]:
+    """What the timings support, question by question (nothing without times)."""
+    timed = [r for r in times if r.get("median_ms")]
+    if not timed:
+        return []
+    out = []
+
+    def best(rows):
+        return min(rows, key=lambda r: r["median_ms"])
+
+    long_rows = [r for r in timed if r["question"] == "long rows"]
+    if long_rows:
+        split = [r for r in long_rows if r["impl"] == "celib, split"]
+        same = [r for r in long_rows if "same program" in r["impl"]]
+        if split and same:
+            b = best(same)
+            verdict = "same program" if b["median_ms"] < split[0]["median_ms"] else "split"
+            out.append(f"Long rows (C = {split[0]['c']}): split {split[0]['median_ms']:.3f} ms, best same-program "
+                       f"({b['impl']}) {b['median_ms']:.3f} ms: supports the {verdict} design.")
+    for c in sorted({r["c"] for r in timed if r["question"] == "one-block limit"}):
+        rows = [r for r in timed if r["question"] == "one-block limit" and r["c"] == c]
+        by_limit = {}
+        for r in rows:
+            limit = int(r["impl"].split("limit ")[1].split(",")[0])
+            if limit not in by_limit or r["median_ms"] < by_limit[limit]["median_ms"]:
+                by_limit[limit] = r
+        parts = ", ".join(f"limit {k}: {v['median_ms']:.3f} ms ({v['impl'].split(', ')[-1]})"
+                          for k, v in sorted(by_limit.items()))
+        out.append(f"One-block limit at C = {c}: {parts}; fastest: {best(rows)['impl']}.")
+    return out
+
+
+@dataclass
+class Report:
+    """Everything measured so far, written to ``out`` (markdown and JSON) whenever it grows."""
+
+    out: str
+    info: dict
+    checks: list = field(default_factory=list)
+    timings: list = field(default_factory=list)
+
+    def markdown(self) -> str:
+        info = self.info
+        lines = [f"# celib GPU check: {info['device']}", "",
+                 f"torch {info['torch']}, triton {info['triton']}, numpy {info['numpy']}, Python {info['python']}; "
+                 f"clocks: {info['clocks']}; celib's launch choices: {info['tuning']}", "",
+                 "## Correctness against float64 (on the device)", "",
+                 "| case | N | C | dtype | result | detail |", "|---|---:|---:|---|---|---|"]
+        for r in self.checks:
+            lines.append(f"| {r['case']} | {r['n']} | {r['c']} | {r['dtype']} | {'pass' if r['ok'] else 'FAIL'} | "
+                         f"{r['notes']} |")
+        lines += ["", "## Forward + backward, bf16, index targets, upstream 1 (measured)", ""]
+        if not self.info["gpu"]:
+            lines.append("No GPU here: no time was measured, and none is printed. The timing plan ran once per "
+                         "variant, untimed, at N = 2 under Triton's interpreter.")
+        lines += ["", "| question | N | C | implementation | block | median ms | GB/s (1R+1W of bf16) | peak GB |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|"]
+        for r in self.timings:
+            head = f"| {r['question']} | {r['n']} | {r['c']} | {r['impl']} | {r.get('block', '')} |"
+            if "error" in r:
+                lines.append(f"{head} failed: {r['error']} | | |")
+            elif r["median_ms"] is None:
+                lines.append(f"{head} not timed | | |")
+            else:
+                lines.append(f"{head} {r['median_ms']:.3f} | {r['gb_s']:.0f} | {r['peak_gb']:.2f} |")
+        found = decisions(self.timings)
+        if found:
+            lines += ["", "## What the timings support", ""] + [f"- {d}" for d in found]
+        return "\n".join(lines) + "\n"
+
+    def save(self) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, "gpu_check.md"), "w") as f:
+            f.write(self.markdown())
+        with open(os.path.join(self.out, "gpu_check.json"), "w") as f:
+            json.dump(dict(info=self.info, checks=self.checks, timings=self.timings), f, indent=2)
+
+
+def _clocks() -> str:
+    """SM and memory clocks from nvidia-smi, if it answers."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        return out.stdout.strip() or "not readable"
+    except (OSError, subprocess.SubprocessError):
+        return "not readable"
 
 
 def main() -> int:
@@ -281,35 +450,38 @@ def main() -> int:
     if not kernels.available():
         print("triton is not installed: nothing to check.")
         return 1
-    from celib.kernels.launch import MAX_BLOCK, interpreted
+    from celib.kernels.launch import interpreted, tuning
 
+    import numpy
     import triton
 
     info = dict(device=torch.cuda.get_device_name() if gpu else f"no GPU ({platform.machine()} CPU, "
-                "Triton's interpreter, tiny sizes)", torch=torch.__version__, triton=triton.__version__,
-                max_block=MAX_BLOCK, interpreted=interpreted())
+                "Triton's interpreter, tiny sizes)", gpu=gpu, torch=torch.__version__, triton=triton.__version__,
+                numpy=numpy.__version__, python=platform.python_version(),
+                clocks=_clocks() if gpu else "no GPU", tuning=str(tuning()), interpreted=interpreted())
+    print(f"{info['device']}: torch {info['torch']}, triton {info['triton']}, numpy {info['numpy']}, "
+          f"Python {info['python']}, clocks {info['clocks']}", flush=True)
+    report = Report(args.out, info)
     import warnings
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)
-    checks = [check(case, device, interpreted()) for case in cases(gpu)]
+    for case in cases(gpu):  # correctness first, all of it, before any timing
+        report.checks.append(check(case, device, interpreted()))
+        report.save()
     if gpu:
-        checks.append(check_int64_offsets(device))
+        report.checks.append(check_int64_offsets(device))
     else:
-        checks.append(dict(case="int64 offsets, N*C > 2^31", n=0, c=0, dtype="bfloat16", ok=True,
-                           notes="not run without a GPU (needs 4.3 GB of logits); row_offset is "
-                                 "tested on the CPU by tests/test_kernels.py"))
-    times = timings(args.repeats, args.warmup) if gpu else []
-    info["timing_note"] = ("No GPU here: no time was measured, and none is printed." if not gpu else "")
+        report.checks.append(dict(case="int64 offsets, N*C > 2^31", n=0, c=0, dtype="bfloat16", ok=True,
+                                  notes="not run without a GPU (needs 4.3 GB of logits); row_offset is "
+                                        "tested on the CPU by tests/test_kernels.py"))
+    report.save()
+    failed = [r["case"] for r in report.checks if not r["ok"]]
+    print(f"correctness: {len(report.checks) - len(failed)} passed, {len(failed)} failed", flush=True)
+    timings(report, args.repeats, args.warmup, gpu)
     info["seconds"] = round(time.time() - start, 1)
-    text = markdown(info, checks, times)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(dict(info=info, checks=checks, timings=times), f, indent=2)
-    print(text)
-    failed = [r["case"] for r in checks if not r["ok"]]
-    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    report.save()
+    print(report.markdown())
+    print(f"{len(report.checks) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
 

@@ -36,17 +36,56 @@ def test_on_paper_benchmark_reports_traffic_resources_and_syncs():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the no-GPU mode")
-def test_gpu_check_runs_its_checks_under_the_interpreter(tmp_path):
+def test_gpu_check_runs_its_checks_and_its_timing_plan_under_the_interpreter(tmp_path):
     out = run("benchmarks/gpu_check.py", "--out", str(tmp_path))
     assert "No GPU here: no time was measured, and none is printed." in out
-    assert out.rstrip().endswith("26 passed, 0 failed")
+    assert out.rstrip().endswith("30 passed, 0 failed")
     import json
 
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["timings"] == [] and all(r["ok"] for r in report["checks"])
+    assert all(r["ok"] for r in report["checks"])
     names = {r["case"] for r in report["checks"]}
-    assert {"streamed, every option", "masked -inf logits", "strided input", "one block, float16"} <= names
+    assert {"streamed, every option", "masked -inf logits", "strided input", "one block, float16",
+            "same program, every option", "one block at limit 32768, 32 warps"} <= names
     assert (tmp_path / "gpu_check.md").read_text().startswith("# celib GPU check: no GPU")
+    # the timing plan ran every variant once, untimed: the long-row designs first, then the limit sweep
+    rows = report["timings"]
+    assert rows[0]["c"] == 128256 and rows[0]["impl"] == "celib, split"
+    assert all(r.get("median_ms", 0) is None and "error" not in r for r in rows), rows
+    limit = {(r["c"], r["impl"]): r["block"] for r in rows if r["question"] == "one-block limit"}
+    assert len(limit) == 12
+    assert limit[32000, "celib, limit 16384, 16 warps"] == 16384  # streamed in two blocks
+    assert limit[32000, "celib, limit 32768, 32 warps"] == 32768  # one block
+    same = [r for r in rows if "same program" in r["impl"]]
+    assert len(same) == 4 and all(r["block"] == 16384 for r in same)
+    for r in rows:
+        if "loss_rel_error" in r:  # each celib variant computed the loss (bf16 result)
+            assert r["loss_rel_error"] < 2.0**-8, r
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the no-GPU mode")
+def test_gpu_check_saves_after_every_measured_row(tmp_path):
+    """A run cut short by a time limit keeps every row measured before it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    saved = []
+
+    class Counting(gpu_check.Report):
+        def save(self):
+            super().save()
+            saved.append(len(self.timings))
+
+    report = Counting(str(tmp_path), dict(gpu=False, device="test", torch="", triton="", numpy="", python="",
+                                           clocks="", tuning=""))
+    gpu_check.timings(report, repeats=1, warmup=0, gpu=False)
+    planned = sum(len(variants) for _, _, variants in gpu_check.plan(False))
+    assert saved == list(range(1, planned + 1))
+    import json
+
+    assert len(json.loads((tmp_path / "gpu_check.json").read_text())["timings"]) == planned
 
 
 def test_cpu_benchmark_prints_its_table():
@@ -89,3 +128,23 @@ def test_hf_trainer_accumulation_routes():
     rows = {r[1].strip(): r for r in (line.split("|") for line in out.splitlines() if line.startswith("| "))}
     assert rows["stock"][2] == rows["apply_celib"][2] == rows["apply_celib fused_linear=True"][2]
     assert float(rows["apply_celib"][3]) < 1e-4 and float(rows["apply_celib fused_linear=True"][3]) < 1e-4
+
+
+def test_gpu_check_states_what_its_timings_support():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = [dict(question="long rows", c=128256, impl="celib, split", median_ms=2.0),
+            dict(question="long rows", c=128256, impl="celib, same program, grid 132", median_ms=1.5),
+            dict(question="long rows", c=128256, impl="celib, same program, grid 264", median_ms=1.8),
+            dict(question="one-block limit", c=32000, impl="celib, limit 16384, 16 warps", median_ms=0.9),
+            dict(question="one-block limit", c=32000, impl="celib, limit 32768, 16 warps", median_ms=0.7),
+            dict(question="one-block limit", c=32000, impl="celib, limit 32768, 32 warps", median_ms=0.8)]
+    found = gpu_check.decisions(rows)
+    assert found[0] == ("Long rows (C = 128256): split 2.000 ms, best same-program (celib, same program, "
+                        "grid 132) 1.500 ms: supports the same program design.")
+    assert found[1] == ("One-block limit at C = 32000: limit 16384: 0.900 ms (16 warps), limit 32768: 0.700 ms "
+                        "(16 warps); fastest: celib, limit 32768, 16 warps.")
+    assert gpu_check.decisions([dict(r, median_ms=None) for r in rows]) == []  # no times, no decision

@@ -22,10 +22,22 @@ def test_version_bounds_name_the_minimum():
     _versions.require("torch", "2.9.1", (2, 9))
     with pytest.raises(ImportError, match=r"celib needs torch >= 2\.9, found torch 2\.8\.0"):
         _versions.require("torch", "2.8.0", (2, 9))
-    with pytest.raises(ImportError, match=r"triton >= 3\.4"):
-        _versions.require("triton", "3.3.1", _versions.MIN_TRITON)
+    with pytest.raises(ImportError, match=r"triton >= 3\.6"):
+        _versions.require("triton", "3.5.1", _versions.MIN_TRITON)
     text = (ROOT / "pyproject.toml").read_text()
-    assert '"torch>=2.9' in text and "triton>=3.4" in text  # the same bounds as the code
+    assert '"torch>=2.9' in text and "triton>=3.6" in text  # the same bounds as the code
+    readme = (ROOT / "README.md").read_text()
+    assert "torch >= 2.9 and triton >= 3.6" in readme
+    makefile = (ROOT / "Makefile").read_text()
+    assert "OLDEST_TRITON := 3.6.0" in makefile  # the bound is the version make test runs the kernels on
+
+
+def test_interpreter_refused_where_triton_and_numpy_cannot_run_it():
+    with pytest.raises(ImportError, match=r"Install numpy<2\.4, or triton>=3\.8"):
+        _versions.check_interpreter("3.6.0", "2.4.6")
+    _versions.check_interpreter("3.6.0", "2.3.5")
+    _versions.check_interpreter("3.8.0", "2.4.6")
+    _versions.check_interpreter("3.9.0", "2.5.2")
 
 
 IMPORT_ORDER = """

@@ -145,7 +145,7 @@ def plan(config: Config):
     z_loss = 1e-4 if "z_loss" in config.features else 0.0
     softcap = 30.0 if "softcap" in config.features else None
     scale = torch.ones(())
-    max_block = config.max_block or launch.MAX_BLOCK
+    max_block = config.max_block  # None: the launcher's limit (launch.tuning())
     if config.kernel == "forward":
         with launch.tuned(two_sweeps=config.two_sweeps, programs=132):
             planned, _ = launch.plan_forward(x, target, weight, -100, smoothing, z_loss, softcap, scale, True,
@@ -273,8 +273,8 @@ def configurations() -> list[tuple[Config, int]]:
         out.append((Config("forward", 2 * MAX_BLOCK, features=every), capability))
         out.append((Config("backward", 2 * MAX_BLOCK, features=every), capability))
         # the same-program design (provisional, see launch.Tuning): both sweeps of a row per logit
-        out.append((Config("forward", 2 * MAX_BLOCK, two_sweeps=True), capability))
-    out.append((Config("forward", 2 * MAX_BLOCK, features=every, two_sweeps=True), 90))
+        for features in ((), ("softcap",), every):
+            out.append((Config("forward", 2 * MAX_BLOCK, features=features, two_sweeps=True), capability))
     for features in FEATURE_SETS[1:-1]:
         out.append((Config("forward", _limit(features), features=features), 90))
         out.append((Config("forward", 2 * MAX_BLOCK, features=features), 90))

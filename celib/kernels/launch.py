@@ -97,8 +97,16 @@ def num_warps(block: int) -> int:
     return max(4, min(16, block // 1024))
 
 
-def _warps(block: int) -> int:
-    return _tuning.num_warps or num_warps(block)
+#: Warps of the same-program design's forward with probability targets or soft-capping: 8 values of a row
+#: per thread at its 8192-logit block. Their two sweeps keep more values live, and at the rule's 8 warps
+#: they spill on some GPUs and Triton versions (the compile table, with the pinned Triton and the oldest).
+TWO_SWEEPS_HEAVY_WARPS = 32
+
+
+def _warps(block: int, heavy_two_sweeps: bool = False) -> int:
+    if _tuning.num_warps:
+        return _tuning.num_warps
+    return TWO_SWEEPS_HEAVY_WARPS if heavy_two_sweeps else num_warps(block)
 
 
 def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
@@ -264,7 +272,8 @@ def plan_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, 
     flags = dict(_flags(target, weight, label_smoothing, softcap), HAS_Z_LOSS=float(z_loss) != 0.0,
                  COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single, TWO_SWEEPS=two_sweeps)
     grid = _programs(rows, c * logits.element_size(), device) if two_sweeps else rows
-    return Launch("forward_kernel", (grid,), args, flags, _warps(block)), Forward(loss, lse, stats, grad)
+    warps = _warps(block, two_sweeps and (target.is_floating_point() or softcap is not None))
+    return Launch("forward_kernel", (grid,), args, flags, warps), Forward(loss, lse, stats, grad)
 
 
 def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, compute_grad,
