@@ -76,15 +76,24 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
     findings: list[Finding] = []
     input = torch.as_tensor(input)
     target = torch.as_tensor(target)
-    if input.is_floating_point() and not bool(torch.isfinite(input).all()):
-        bad = int((~torch.isfinite(input)).sum())
+    if input.is_floating_point() and bool((torch.isnan(input) | (input == float("inf"))).any()):
+        bad = int((torch.isnan(input) | (input == float("inf"))).sum())
         findings.append(Finding(
             "non-finite-input",
-            f"input holds {bad} NaN or Inf value(s); the loss and every gradient will be NaN.",
+            f"input holds {bad} NaN or +Inf value(s): the loss of their positions is NaN, so is a mean or sum "
+            "over the batch, and so is the gradient of every parameter those values depend on.",
             "find where they appear (torch.autograd.set_detect_anomaly(True), or check activations layer by layer); "
-            "the usual causes are a learning rate that is too high, log(0) in a hand-written loss, or bad data.",
+            "the usual causes are a learning rate that is too high, log(0) in a hand-written loss, or bad data. "
+            "(-Inf logits are a mask and fine, as long as each position keeps a finite one.)",
         ))
     if input.dim() == 0 or not input.is_floating_point():
+        return findings
+    if target.numel() == 0:
+        findings.append(Finding(
+            "empty-batch",
+            "the batch has no positions: a mean over it divides 0 by 0 and is NaN.",
+            "skip empty batches, or sum the loss (reduction='sum') and divide by max(number of targets, 1).",
+        ))
         return findings
 
     if _is_binary_setup(input, target):
@@ -160,7 +169,26 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
             "give one class index per position: the input's shape without its class dimension.",
         ))
         return findings
-    out_of_range = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    kept = target != ignore_index
+    if not bool(kept.any()):
+        findings.append(Finding(
+            "all-ignored",
+            f"every target is ignore_index={ignore_index}: reduction='mean' divides 0 by 0 and gives NaN (the "
+            "gradient is 0), as in PyTorch.",
+            "skip batches with nothing to learn from, or sum the loss (reduction='sum') and divide by "
+            "max(number of kept targets, 1); check that the masking (padding, prompt tokens) is not too wide.",
+        ))
+        return findings
+    if input.dim() >= 2:
+        masked_rows = int(((input.movedim(class_dim, -1) == float("-inf")).all(dim=-1) & kept).sum())
+        if masked_rows:
+            findings.append(Finding(
+                "all-masked-position",
+                f"{masked_rows} kept position(s) have every logit -Inf: their softmax is 0/0 and their loss NaN.",
+                "give those positions target ignore_index instead of masking every class, or keep at least one "
+                "class unmasked.",
+            ))
+    out_of_range = ((target < 0) | (target >= num_classes)) & kept
     if bool(out_of_range.any()):
         values = sorted({int(v) for v in target[out_of_range].unique()[:5]})
         findings.append(Finding(

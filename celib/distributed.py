@@ -131,7 +131,10 @@ def vocab_parallel_cross_entropy(
         local_logits: (N, V_r) logits of this rank's shard, float (computed in float32 or float64).
         target: (N,) global class indices in [0, V), or ``ignore_index``; the same on every rank.
         group: the process group (default: the world).
-        ignore_index, reduction, label_smoothing, z_loss: as in :func:`celib.cross_entropy`.
+        ignore_index: as in :func:`celib.cross_entropy`.
+        reduction: as in :func:`celib.cross_entropy`.
+        label_smoothing: as in :func:`celib.cross_entropy`.
+        z_loss: as in :func:`celib.cross_entropy`.
 
     Raises:
         InputError: on every rank alike (each sees the same gathered sizes and targets, so none is
@@ -287,7 +290,10 @@ def vocab_parallel_linear_cross_entropy(
         target: (N,) global class indices in [0, V) or ``ignore_index``, the same on every rank.
         group: the process group (default: the world).
         bias_shard: optional (V_r,).
-        ignore_index, reduction, label_smoothing, z_loss: as in :func:`celib.cross_entropy`.
+        ignore_index: as in :func:`celib.cross_entropy`.
+        reduction: as in :func:`celib.cross_entropy`.
+        label_smoothing: as in :func:`celib.cross_entropy`.
+        z_loss: as in :func:`celib.cross_entropy`.
         chunk_size: rows per chunk (default: :func:`celib.linear.chunk_rows` for the shard).
 
     Raises:

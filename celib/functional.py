@@ -36,7 +36,9 @@ def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -50,8 +52,10 @@ def cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Cross-entropy between logits and class indices or class probabilities.
 
-    A drop-in for :func:`torch.nn.functional.cross_entropy`: with the default
-    keyword-only options the result and its gradient are PyTorch's.
+    A drop-in for :func:`torch.nn.functional.cross_entropy`: the same
+    arguments in the same positions (the deprecated ``size_average`` and
+    ``reduce`` included, mapped as PyTorch maps them, with its warning), and,
+    with the default keyword-only options, PyTorch's result and gradient.
 
     Args:
         input: logits (unnormalised scores), float16/bfloat16/float32/float64, of
@@ -65,6 +69,9 @@ def cross_entropy(
             (negative values allowed, as in PyTorch). A dtype other than the
             input's is accepted: the torch backend casts it to the input's
             dtype, the kernel reads it in float32.
+        size_average: PyTorch's deprecated argument (bool or None); when it or
+            ``reduce`` is set, the pair overrides ``reduction``, as in PyTorch.
+        reduce: PyTorch's deprecated argument (bool or None), with ``size_average``.
         ignore_index: a target value whose positions contribute no loss and no
             gradient (index targets only).
         reduction: ``"none"`` (loss per position, shape of the batch),
@@ -124,6 +131,7 @@ def cross_entropy(
     """
     if backend not in BACKENDS:
         raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}.")
+    reduction = validate.legacy_reduction(size_average, reduce, reduction)
     validate.check_cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing)
     validate.check_extras(z_loss, softcap)
     use_kernel = backend == "triton"
@@ -196,12 +204,15 @@ def nll_loss(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Negative log-likelihood of class indices, given log-probabilities.
 
-    A drop-in for :func:`torch.nn.functional.nll_loss`: ``input`` holds
+    A drop-in for :func:`torch.nn.functional.nll_loss` (its arguments in its
+    positions, the deprecated ``size_average``/``reduce`` included): ``input`` holds
     log-probabilities (e.g. from ``log_softmax``) of shape (C,), (N, C) or
     (N, C, d1, ..., dk); ``target`` holds class indices of shape (), (N,) or
     (N, d1, ..., dk). The loss of a position is ``-weight[t] * input[t]``;
@@ -211,6 +222,7 @@ def nll_loss(
         InputError: on any invalid argument, including a class index outside
             [0, C-1] that is not ``ignore_index``.
     """
+    reduction = validate.legacy_reduction(size_average, reduce, reduction)
     validate.check_classification_args(input, target, weight, reduction, allow_probabilities=False)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     validate.check_target_range(target, num_classes, ignore_index)
@@ -241,11 +253,15 @@ def binary_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Binary cross-entropy between predicted probabilities and targets.
 
-    A drop-in for :func:`torch.nn.functional.binary_cross_entropy`. ``input``
+    A drop-in for :func:`torch.nn.functional.binary_cross_entropy` (its
+    arguments in its positions, the deprecated ``size_average``/``reduce``
+    included). ``input``
     holds probabilities in [0, 1] (any shape, float); ``target`` has the same
     shape, values in [0, 1]. Each log is clamped at -100, as PyTorch does, so a
     probability of exactly 0 or 1 on the wrong side costs 100, not infinity.
@@ -255,6 +271,7 @@ def binary_cross_entropy(
         InputError: input outside [0, 1] (it names ``..._with_logits`` as the
             fix), shape mismatch, bad reduction.
     """
+    reduction = validate.legacy_reduction(size_average, reduce, reduction)
     _check_elementwise(input, target, reduction)
     _check_broadcast("weight", weight, input.shape)
     validate.check_probabilities("input", input)
@@ -266,13 +283,16 @@ def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: str = "mean",
     pos_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Sigmoid and binary cross-entropy in one numerically stable step.
 
-    A drop-in for :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
-    ``input`` holds logits (any shape, float); ``target`` the same shape, in
+    A drop-in for :func:`torch.nn.functional.binary_cross_entropy_with_logits`
+    (its arguments in its positions, the deprecated ``size_average``/``reduce``
+    included). ``input`` holds logits (any shape, float); ``target`` the same shape, in
     [0, 1]. The loss of an element is
 
     .. math::
@@ -282,6 +302,7 @@ def binary_cross_entropy_with_logits(
     with ``pos_weight`` (:math:`p_c`, broadcast over the last dimension: one entry
     per class for multi-label) scaling the positive term.
     """
+    reduction = validate.legacy_reduction(size_average, reduce, reduction)
     _check_elementwise(input, target, reduction)
     _check_broadcast("weight", weight, input.shape)
     _check_broadcast("pos_weight", pos_weight, input.shape)
@@ -291,23 +312,34 @@ def binary_cross_entropy_with_logits(
 def kl_div(
     input: torch.Tensor,
     target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: str = "mean",
     log_target: bool = False,
 ) -> torch.Tensor:
     """Kullback-Leibler divergence KL(target || exp(input)), pointwise then reduced.
 
-    A drop-in for :func:`torch.nn.functional.kl_div`. ``input`` holds
+    A drop-in for :func:`torch.nn.functional.kl_div` (its arguments in its
+    positions, the deprecated ``size_average``/``reduce`` included). ``input`` holds
     log-probabilities of the model (any shape); ``target`` the same shape,
     probabilities (or log-probabilities when ``log_target=True``).
     ``reduction="batchmean"`` (sum divided by ``input.shape[0]``) is the true KL
     per example; ``"mean"`` divides by the number of elements, as PyTorch does
     (and warns about).
     """
+    reduction = validate.legacy_reduction(size_average, reduce, reduction)
     validate.check_floating("input", input)
     validate.check_floating("target", target)
     validate.check_same_shape(input, target)
     validate.check_reduction(reduction, ("none", "mean", "sum", "batchmean"))
     return F.kl_div(input, target, reduction=reduction, log_target=log_target)
+
+
+def _check_gamma(gamma: float) -> None:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise InputError(f"gamma must be a number >= 0, got {type(gamma).__name__}.")
+    if gamma < 0:
+        raise InputError(f"gamma must be >= 0, got {gamma}.")
 
 
 def sigmoid_focal_loss(
@@ -335,8 +367,10 @@ def sigmoid_focal_loss(
         targets: same shape, 0/1 (or soft) labels.
     """
     _check_elementwise(inputs, targets, reduction)
-    if gamma < 0:
-        raise InputError(f"gamma must be >= 0, got {gamma}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise InputError(f"alpha must be a number (a negative one drops the alpha factor), got {type(alpha).__name__}; "
+                         f"the positions are torchvision's: sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction).")
+    _check_gamma(gamma)
     ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     # (1 - p_t)^gamma as exp(gamma * log(1 - p_t)), with 1 - p_t = y sigma(-x) + (1 - y) sigma(x) in log
     # form: finite, with a finite gradient, for every finite logit. The literal (1 - p_t) ** gamma is 0 when
@@ -357,16 +391,20 @@ def sigmoid_focal_loss(
 def focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,
-    gamma: float = 2.0,
     weight: torch.Tensor | None = None,
+    *,
+    gamma: float = 2.0,
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> torch.Tensor:
     r"""Multi-class (softmax) focal loss: :math:`-w_t\,(1-p_t)^\gamma \log p_t`.
 
-    Arguments mirror :func:`cross_entropy` with class-index targets: ``input``
-    logits (C,), (N, C) or (N, C, d1, ..., dk); ``target`` int class indices of
-    the batch shape. ``weight`` plays the role of the paper's :math:`\alpha_t`.
+    It has no PyTorch counterpart. Like :func:`cross_entropy` it takes ``input``
+    logits (C,), (N, C) or (N, C, d1, ..., dk), ``target`` int class indices of
+    the batch shape (no probability targets) and the class ``weight`` third, so
+    ``focal_loss(x, t, w)`` means what ``cross_entropy(x, t, w)`` means; every
+    other argument, ``gamma`` first, is keyword-only. ``weight`` plays the role
+    of the paper's :math:`\alpha_t`.
     ``"mean"`` divides by the summed weights of the kept targets, so with
     ``gamma=0`` this is :func:`cross_entropy`, weights and ignore_index
     included.
@@ -380,9 +418,11 @@ def focal_loss(
         >>> round(celib.focal_loss(logits, target, gamma=2.0).item(), 6)
         0.000268
     """
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise InputError(f"weight must be a tensor of shape (C,) or None, got {weight!r}; gamma is keyword-only: "
+                         f"focal_loss(input, target, gamma={weight!r}).")
     validate.check_classification_args(input, target, weight, reduction, allow_probabilities=False)
-    if gamma < 0:
-        raise InputError(f"gamma must be >= 0, got {gamma}.")
+    _check_gamma(gamma)
     class_dim = 0 if input.dim() == 1 else 1
     validate.check_target_range(target, input.shape[class_dim], ignore_index)
     target = target.long()

@@ -98,6 +98,9 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
 
 def _check(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing):
     validate.check_floating("input", input)
+    if isinstance(linear_weight, torch.nn.Module):
+        raise InputError(f"linear_weight must be the output layer's weight tensor, got a "
+                         f"{type(linear_weight).__name__} module; pass its .weight (and .bias as linear_bias).")
     validate.check_floating("linear_weight", linear_weight)
     if input.dim() not in (2, 3):
         raise InputError(f"input must be (N, H) or (B, T, H) hidden states, got shape {tuple(input.shape)}.")
@@ -529,14 +532,20 @@ def linear_cross_entropy(
 
     Args:
         input: hidden states, (N, H) or (B, T, H), float16/bfloat16/float32/float64.
-        linear_weight: (V, H), the weight of ``nn.Linear(H, V)``, same dtype as ``input``.
+        linear_weight: (V, H), the weight of ``nn.Linear(H, V)`` (its ``.weight``, not the
+            module), same dtype as ``input`` outside autocast.
         target: class indices, int, of shape (N,) or (B, T); values in [0, V-1] or
             ``ignore_index``. (B, T, H) input is treated as B*T rows, as a language model's
             head: the loss is that of ``logits.reshape(-1, V)`` and ``target.reshape(-1)``.
         linear_bias: optional (V,).
-        weight, reduction, ignore_index, label_smoothing, z_loss, softcap: as in
-            :func:`celib.cross_entropy`. ``reduction="none"`` returns the loss per row, shape
-            of ``target``; its backward recomputes the logits of each chunk.
+        weight: class weights (V,), as in :func:`celib.cross_entropy`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in :func:`celib.cross_entropy`;
+            ``"none"`` returns the loss per row, shape of ``target``, and its backward
+            recomputes the logits of each chunk.
+        ignore_index: as in :func:`celib.cross_entropy`.
+        label_smoothing: as in :func:`celib.cross_entropy`.
+        z_loss: as in :func:`celib.cross_entropy`.
+        softcap: as in :func:`celib.cross_entropy`.
         chunk_size: rows per chunk; default from the device's rule, capped by ``chunk_memory``
             (see :func:`celib.linear.chunk_rows`: 1280 rows for bf16 on CUDA, 512 on a CPU).
         chunk_memory: bytes one chunk's logits may take when ``chunk_size`` is not given (default
@@ -549,13 +558,16 @@ def linear_cross_entropy(
             ``torch.float32`` returns the float32 loss of half-precision inputs unrounded.
 
     Under ``torch.autocast`` the matrix products run in the autocast dtype, as ``F.linear``'s
-    would (float32 input, weight and bias are cast to it), and the loss, returned in float32 as
-    autocast's ``cross_entropy`` returns it, and the accumulation of the gradients stay in float32.
+    would: the hidden states, ``linear_weight`` and ``linear_bias`` are cast to it (unless
+    float64), so bf16 hidden states with a float32 output layer, what autocast produces, are
+    accepted. The loss is then returned in float32, as autocast's ``cross_entropy`` returns it,
+    and the gradients are accumulated in float32.
 
     Returns:
-        The loss in ``loss_dtype`` (default: ``input``'s dtype; float32 under autocast): a scalar, or
-        per row for ``reduction="none"``. Gradients of half-precision ``linear_weight`` and
-        ``linear_bias`` are accumulated over chunks in float32 and rounded once.
+        The loss, in ``loss_dtype`` (by default ``input``'s dtype, or float32 under autocast), a
+        scalar or, for ``reduction="none"``, one value per row. Gradients of half-precision
+        ``linear_weight`` and ``linear_bias`` are accumulated over chunks in float32 and rounded
+        once.
 
     Raises:
         InputError: shapes that do not fit (hidden size vs weight, vocabulary of weight vs
@@ -576,6 +588,14 @@ def linear_cross_entropy(
 
     if backend not in BACKENDS:
         raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}.")
+    device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
+    autocast = _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast:  # as F.linear under autocast: the products in the autocast dtype (casts are differentiable)
+        dt = torch.get_autocast_dtype(device_type)
+        input, linear_weight, linear_bias = (
+            v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64 else v
+            for v in (input, linear_weight, linear_bias))
+        loss_dtype = loss_dtype or torch.float32  # autocast runs cross_entropy in float32
     _check(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing)
     validate.check_extras(z_loss, softcap)
     vocab, hidden = linear_weight.shape
@@ -596,13 +616,6 @@ def linear_cross_entropy(
             raise InputError(f"the Triton kernel takes float16, bfloat16 or float32, got {input.dtype}; "
                              f"use backend='torch'.")
     x, w, b = input.reshape(-1, hidden), linear_weight, linear_bias
-    device_type = x.device.type
-    autocast = _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if autocast and x.dtype == torch.float32:
-        # as F.linear under autocast: the products in the autocast dtype (casts are differentiable)
-        dt = torch.get_autocast_dtype(device_type)
-        x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
-        loss_dtype = loss_dtype or torch.float32  # autocast runs cross_entropy in float32
     rows = chunk_rows(x.shape[0], vocab, chunk_size, dtype=x.dtype, device=x.device, memory=chunk_memory)
     args = (x, w, b, t, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
             None if softcap is None else float(softcap), rows, "triton" if use_kernel else "torch", loss_dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from celib import functional
+from celib import functional, validate
 
 __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "FocalLoss", "LinearCrossEntropyLoss"]
 
@@ -13,14 +13,18 @@ __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "FocalLoss", "LinearCrossEnt
 class CrossEntropyLoss(nn.Module):
     """Module form of :func:`celib.cross_entropy`; mirrors :class:`torch.nn.CrossEntropyLoss`.
 
-    ``weight`` (shape (C,)) is registered as a buffer, so ``.to(device)`` moves it.
-    The keyword-only options are passed through to :func:`celib.cross_entropy`.
+    PyTorch's arguments in PyTorch's positions (the deprecated ``size_average``
+    and ``reduce`` included), then every keyword-only option of
+    :func:`celib.cross_entropy`. ``weight`` (shape (C,)) is registered as a
+    buffer, so ``.to(device)`` moves it.
     """
 
     def __init__(
         self,
         weight: torch.Tensor | None = None,
+        size_average: bool | None = None,
         ignore_index: int = -100,
+        reduce: bool | None = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
@@ -28,45 +32,57 @@ class CrossEntropyLoss(nn.Module):
         check_inputs: bool = True,
         z_loss: float = 0.0,
         softcap: float | None = None,
+        return_lse: bool = False,
+        inplace_backward: bool = False,
+        loss_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
-        self.reduction = reduction
+        self.reduction = validate.legacy_reduction(size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
         self.backend = backend
         self.check_inputs = check_inputs
         self.z_loss = z_loss
         self.softcap = softcap
+        self.return_lse = return_lse
+        self.inplace_backward = inplace_backward
+        self.loss_dtype = loss_dtype
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.cross_entropy(
             input,
             target,
             self.weight,
-            self.ignore_index,
-            self.reduction,
-            self.label_smoothing,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
             backend=self.backend,
             check_inputs=self.check_inputs,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            return_lse=self.return_lse,
+            inplace_backward=self.inplace_backward,
+            loss_dtype=self.loss_dtype,
         )
 
 
 class BCEWithLogitsLoss(nn.Module):
-    """Module form of :func:`celib.binary_cross_entropy_with_logits`; mirrors :class:`torch.nn.BCEWithLogitsLoss`."""
+    """Module form of :func:`celib.binary_cross_entropy_with_logits`; mirrors :class:`torch.nn.BCEWithLogitsLoss`
+    (its arguments in its positions, the deprecated ``size_average``/``reduce`` included)."""
 
     def __init__(
         self,
         weight: torch.Tensor | None = None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
         reduction: str = "mean",
         pos_weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
-        self.reduction = reduction
+        self.reduction = validate.legacy_reduction(size_average, reduce, reduction)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.binary_cross_entropy_with_logits(
@@ -75,12 +91,14 @@ class BCEWithLogitsLoss(nn.Module):
 
 
 class FocalLoss(nn.Module):
-    """Module form of :func:`celib.focal_loss` (multi-class softmax focal loss)."""
+    """Module form of :func:`celib.focal_loss` (multi-class softmax focal loss): the class ``weight`` first, as
+    in :class:`CrossEntropyLoss`, the other options keyword-only."""
 
     def __init__(
         self,
-        gamma: float = 2.0,
         weight: torch.Tensor | None = None,
+        *,
+        gamma: float = 2.0,
         ignore_index: int = -100,
         reduction: str = "mean",
     ) -> None:
@@ -91,7 +109,8 @@ class FocalLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return functional.focal_loss(input, target, self.gamma, self.weight, self.ignore_index, self.reduction)
+        return functional.focal_loss(input, target, self.weight, gamma=self.gamma, ignore_index=self.ignore_index,
+                                     reduction=self.reduction)
 
 
 class LinearCrossEntropyLoss(nn.Module):

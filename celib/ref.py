@@ -300,8 +300,9 @@ def sigmoid_focal_loss(
 def focal_loss(
     input: ArrayLike,
     target: ArrayLike,
-    gamma: float = 2.0,
     weight: ArrayLike | None = None,
+    *,
+    gamma: float = 2.0,
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> np.ndarray:

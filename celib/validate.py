@@ -24,6 +24,27 @@ def check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> No
         )
 
 
+def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    """The reduction PyTorch's deprecated ``size_average`` and ``reduce`` stand for, mapped as PyTorch maps
+    them (with its deprecation warning), or ``reduction`` when both are None (the usual case).
+
+    They sit at PyTorch's positions (``cross_entropy(input, target, weight, size_average, ignore_index,
+    reduce, reduction, label_smoothing)``), so a call written for PyTorch means the same here. Only a bool
+    or None is accepted: anything else there is a mistake (e.g. an ignore_index one place too early).
+    """
+    for name, value in (("size_average", size_average), ("reduce", reduce)):
+        if value is not None and not isinstance(value, bool):
+            raise InputError(
+                f"{name}={value!r}: {name} is PyTorch's deprecated argument (a bool or None) at this position, "
+                f"as in torch.nn.functional; pass the options after weight by keyword, e.g. ignore_index=... "
+                f"or reduction=...")
+    if size_average is None and reduce is None:
+        return reduction
+    from torch.nn import _reduction
+
+    return _reduction.legacy_get_string(size_average, reduce)
+
+
 def check_floating(name: str, tensor: object) -> None:
     """Raise unless ``tensor`` is a floating-point torch tensor."""
     if not isinstance(tensor, torch.Tensor):

@@ -33,3 +33,24 @@ def test_submodules_declare_their_public_names():
         public = {n for n, v in vars(module).items() if not n.startswith("_") and callable(v)
                   and getattr(v, "__module__", "").startswith(module.__name__)}
         assert public <= set(module.__all__), f"{module.__name__}: public but not in __all__: {public - set(module.__all__)}"
+
+
+def test_napoleon_reads_each_parameter_and_the_returns_as_written():
+    """Google-style sections as the API page's napoleon parses them: a line 'a, b, c: text' in Args gives
+    every one of them the whole text (a description that belongs to one), and a colon in the first line of
+    Returns makes its start a return *type* (the page then shows the rest cut off)."""
+    import inspect
+
+    from sphinx.ext.napoleon import Config
+    from sphinx.ext.napoleon.docstring import GoogleDocstring
+
+    config = Config(napoleon_use_param=True, napoleon_use_rtype=True)
+    for module in (celib, celib.nn, celib.ref, celib.distributed, celib.kernels, celib.integrations.transformers):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if isinstance(obj, types.ModuleType) or not callable(obj):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            assert not re.search(r"^    \w+(, \w+)+: ", doc.split("Returns:")[0], re.M), f"{name}: grouped Args"
+            rendered = str(GoogleDocstring(doc, config, what="function"))
+            assert ":rtype:" not in rendered, f"{module.__name__}.{name}: Returns parsed as a type"

@@ -65,7 +65,34 @@ def test_non_finite_input():
     x[1, 2] = float("nan")
     x[3, 0] = float("inf")
     found = celib.diagnose(x, TARGET)
-    assert found[0].code == "non-finite-input" and "2 NaN or Inf" in found[0].message
+    assert found[0].code == "non-finite-input" and "2 NaN or +Inf" in found[0].message
+
+
+def test_masked_logits_are_fine_unless_a_whole_kept_position_is_masked():
+    x, t = LOGITS.clone(), torch.tensor([0, 1, 2, 3, 4, 0, -100, 2])
+    x[:, 4] = float("-inf")  # a masked class (e.g. vocabulary padding) that no target names
+    t[4] = 3
+    assert codes(x, t) == []
+    x[6] = float("-inf")  # an ignored position may be fully masked
+    assert codes(x, t) == []
+    x[2] = float("-inf")
+    found = celib.diagnose(x, t)
+    assert [f.code for f in found] == ["all-masked-position"] and found[0].message.startswith("1 kept position")
+    loss = celib.cross_entropy(x, t)  # what the finding says: NaN
+    assert torch.isnan(loss)
+
+
+def test_empty_and_all_ignored_batches_give_a_nan_mean_and_are_named():
+    found = celib.diagnose(torch.randn(0, 5), torch.zeros(0, dtype=torch.long))
+    assert [f.code for f in found] == ["empty-batch"]
+    assert torch.isnan(celib.cross_entropy(torch.randn(0, 5), torch.zeros(0, dtype=torch.long)))
+    t = torch.full((8,), -100)
+    found = celib.diagnose(LOGITS, t)
+    assert [f.code for f in found] == ["all-ignored"] and "max(number of kept targets, 1)" in found[0].fix
+    x = LOGITS.clone().requires_grad_(True)
+    loss = celib.cross_entropy(x, t)
+    loss.backward()
+    assert torch.isnan(loss) and torch.equal(x.grad, torch.zeros_like(x))  # as the message says
 
 
 def test_single_logit_meant_for_bce():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import celib
+from celib import InputError
 from tests.cases import CECase, cross_entropy_cases
 
 CASES = cross_entropy_cases()
@@ -63,7 +64,7 @@ def test_gradcheck_float64(reduction, smoothing):
     )
     p = torch.softmax(torch.randn(4, 5, 3, dtype=torch.float64), 1)
     assert torch.autograd.gradcheck(lambda z: celib.cross_entropy(z, p, w, reduction=reduction), (x,))
-    assert torch.autograd.gradcheck(lambda z: celib.focal_loss(z, t, 2.0, w, reduction=reduction), (x,))
+    assert torch.autograd.gradcheck(lambda z: celib.focal_loss(z, t, w, gamma=2.0, reduction=reduction), (x,))
 
 
 # ---------------------------------------------------------------------------- extras (reference semantics of the kernel)
@@ -115,14 +116,14 @@ def test_binary_losses_match_torch(reduction):
     w = torch.rand(3, dtype=torch.float64)
     pw = torch.rand(3, dtype=torch.float64) * 3
     torch.testing.assert_close(
-        celib.binary_cross_entropy_with_logits(z, y, w, reduction, pw),
+        celib.binary_cross_entropy_with_logits(z, y, w, reduction=reduction, pos_weight=pw),
         F.binary_cross_entropy_with_logits(z, y, w, reduction=reduction, pos_weight=pw),
         rtol=0,
         atol=0,
     )
     p = torch.sigmoid(z)
     torch.testing.assert_close(
-        celib.binary_cross_entropy(p, y, w, reduction), F.binary_cross_entropy(p, y, w, reduction=reduction), rtol=0, atol=0
+        celib.binary_cross_entropy(p, y, w, reduction=reduction), F.binary_cross_entropy(p, y, w, reduction=reduction), rtol=0, atol=0
     )
 
 
@@ -141,7 +142,7 @@ def test_kl_div_matches_torch(reduction, log_target):
     p[0, 0] = 0.0
     target = p.log() if log_target else p
     with pytest.warns(UserWarning) if reduction == "mean" else _nothing():
-        ours = celib.kl_div(logq, target, reduction, log_target)
+        ours = celib.kl_div(logq, target, reduction=reduction, log_target=log_target)
     with pytest.warns(UserWarning) if reduction == "mean" else _nothing():
         theirs = F.kl_div(logq, target, reduction=reduction, log_target=log_target)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
@@ -178,7 +179,7 @@ def test_focal_loss_with_gamma_zero_is_cross_entropy(reduction):
     t[0] = 4
     t[2, 1] = -100
     w = torch.rand(5, dtype=torch.float64) + 0.2
-    ours, g1 = _value_and_grad(celib.focal_loss, x, t, 0.0, w, -100, reduction)
+    ours, g1 = _value_and_grad(celib.focal_loss, x, t, w, gamma=0.0, ignore_index=-100, reduction=reduction)
     torch.manual_seed(0)
     theirs, g2 = _value_and_grad(F.cross_entropy, x, t, w, ignore_index=-100, reduction=reduction)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
@@ -206,7 +207,7 @@ def test_modules_match_functional():
     assert torch.equal(celib.nn.CrossEntropyLoss(w, label_smoothing=0.1)(x, t), torch.nn.CrossEntropyLoss(w, label_smoothing=0.1)(x, t))
     y = (torch.rand(5, 4) > 0.5).float()
     assert torch.equal(celib.nn.BCEWithLogitsLoss(pos_weight=w)(x, y), torch.nn.BCEWithLogitsLoss(pos_weight=w)(x, y))
-    assert torch.equal(celib.nn.FocalLoss(gamma=1.5, weight=w)(x, t), celib.focal_loss(x, t, 1.5, w))
+    assert torch.equal(celib.nn.FocalLoss(gamma=1.5, weight=w)(x, t), celib.focal_loss(x, t, w, gamma=1.5))
     assert "weight" in dict(celib.nn.CrossEntropyLoss(w).named_buffers())
 
 
@@ -232,3 +233,87 @@ def test_sigmoid_focal_loss_gradient_finite_at_large_logits(dtype, gamma):
     # the two confident elements add less than 1e-15 to the loss: the rest is the literal formula's
     torch.testing.assert_close(loss.detach().double(), literal.detach(), rtol=tol, atol=tol)
     torch.testing.assert_close(z.grad[2:].double(), z64.grad, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------ PyTorch's positional order
+
+
+def _legacy_warning():
+    return pytest.warns(UserWarning, match="size_average and reduce args will be deprecated")
+
+
+def test_pytorch_positional_calls_mean_the_same():
+    """Every drop-in takes PyTorch's arguments in PyTorch's positions, size_average/reduce included."""
+    torch.manual_seed(0)
+    x, t = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 2])
+    w = torch.rand(5) + 0.5
+    # input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+    args = (w, None, 2, None, "sum", 0.1)
+    assert torch.equal(celib.cross_entropy(x, t, *args), F.cross_entropy(x, t, *args))
+    assert torch.equal(celib.cross_entropy(x, t, None, None, -1), F.cross_entropy(x, t, None, None, -1))
+    logp = F.log_softmax(x, 1)
+    assert torch.equal(celib.nll_loss(logp, t, w, None, 2, None, "sum"), F.nll_loss(logp, t, w, None, 2, None, "sum"))
+    p, y = torch.sigmoid(x), (torch.rand(6, 5) > 0.5).float()
+    assert torch.equal(celib.binary_cross_entropy(p, y, w, None, None, "sum"),
+                       F.binary_cross_entropy(p, y, w, None, None, "sum"))
+    assert torch.equal(celib.binary_cross_entropy_with_logits(x, y, w, None, None, "sum", w),
+                       F.binary_cross_entropy_with_logits(x, y, w, None, None, "sum", w))
+    q = torch.softmax(torch.randn(6, 5), 1)
+    assert torch.equal(celib.kl_div(logp, q, None, None, "batchmean", False),
+                       F.kl_div(logp, q, None, None, "batchmean", False))
+    ours = celib.nn.CrossEntropyLoss(w, None, 2, None, "sum", 0.1)(x, t)
+    assert torch.equal(ours, torch.nn.CrossEntropyLoss(w, None, 2, None, "sum", 0.1)(x, t))
+    assert torch.equal(celib.nn.BCEWithLogitsLoss(w, None, None, "sum", w)(x, y),
+                       torch.nn.BCEWithLogitsLoss(w, None, None, "sum", w)(x, y))
+
+
+@pytest.mark.parametrize("size_average,reduce", [(False, None), (None, False), (True, True), (False, True)])
+def test_deprecated_size_average_and_reduce_map_as_in_pytorch(size_average, reduce):
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    with _legacy_warning():
+        theirs = F.cross_entropy(x, t, None, size_average, -100, reduce)
+    with _legacy_warning():
+        ours = celib.cross_entropy(x, t, None, size_average, -100, reduce)
+    assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+    with _legacy_warning():
+        module = celib.nn.CrossEntropyLoss(None, size_average, -100, reduce)
+    with _legacy_warning():
+        assert torch.equal(module(x, t), torch.nn.CrossEntropyLoss(None, size_average, -100, reduce)(x, t))
+
+
+def test_celibs_old_positional_order_is_a_clear_error():
+    """cross_entropy(x, t, w, -100) meant ignore_index=-100 in celib before it took PyTorch's order; now the
+    fourth place is size_average, and an int there is refused, naming the argument and the fix."""
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(InputError, match=r"size_average=-100: .*by keyword, e.g. ignore_index="):
+        celib.cross_entropy(x, t, None, -100)
+    with pytest.raises(InputError, match=r"reduce='sum'"):
+        celib.cross_entropy(x, t, None, None, -100, "sum")
+
+
+def test_focal_loss_takes_weight_third_and_gamma_by_keyword():
+    torch.manual_seed(1)
+    x, t, w = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, -100]), torch.rand(4) + 0.5
+    assert torch.equal(celib.focal_loss(x, t, w), celib.focal_loss(x, t, weight=w, gamma=2.0))
+    torch.testing.assert_close(celib.focal_loss(x, t, w, gamma=0.0), celib.cross_entropy(x, t, w))
+    with pytest.raises(InputError, match=r"gamma is keyword-only: focal_loss\(input, target, gamma=2.0\)"):
+        celib.focal_loss(x, t, 2.0)
+    with pytest.raises(TypeError):
+        celib.focal_loss(x, t, w, 2.0)  # keyword-only, as documented
+    assert torch.equal(celib.nn.FocalLoss(w, gamma=1.5)(x, t), celib.focal_loss(x, t, w, gamma=1.5))
+    y = (torch.rand(6, 4) > 0.5).float()
+    with pytest.raises(InputError, match=r"alpha must be a number.*torchvision's"):
+        celib.sigmoid_focal_loss(x, y, w)
+    with pytest.raises(InputError, match=r"gamma must be a number"):
+        celib.sigmoid_focal_loss(x, y, 0.25, torch.tensor(2.0))
+
+
+def test_cross_entropy_module_has_every_option_of_the_function():
+    import inspect
+
+    options = set(inspect.signature(celib.cross_entropy).parameters) - {"input", "target"}
+    assert options == set(inspect.signature(celib.nn.CrossEntropyLoss).parameters)
+    x, t = torch.randn(4, 3).to(torch.bfloat16), torch.tensor([0, 1, 2, 1])
+    loss, lse = celib.nn.CrossEntropyLoss(loss_dtype=torch.float32, return_lse=True)(x, t)
+    assert loss.dtype == torch.float32 and torch.equal(loss, celib.cross_entropy(x, t, loss_dtype=torch.float32))
+    assert lse.shape == (4,)

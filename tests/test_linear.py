@@ -232,6 +232,31 @@ def test_autocast_runs_the_products_in_the_autocast_dtype():
         assert (ours - theirs).abs().max() <= 2e-2 * theirs.abs().max()
 
 
+def test_autocast_takes_half_hidden_states_with_a_float32_head_as_pytorch_does():
+    """What autocast produces in a real model (bf16 activations, a float32 output layer) is accepted, as
+    by F.linear + F.cross_entropy and PyTorch's own F.linear_cross_entropy, and gives their loss."""
+    torch.manual_seed(3)
+    x = torch.randn(12, 16).bfloat16().requires_grad_(True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = celib.linear_cross_entropy(x, w, t, chunk_size=5)
+        theirs = F.linear_cross_entropy(x, w, t)
+        unfused = F.cross_entropy(F.linear(x, w), t)
+    assert ours.dtype == theirs.dtype == unfused.dtype == torch.float32
+    torch.testing.assert_close(ours, unfused, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    ours.backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+
+
+def test_a_linear_module_instead_of_its_weight_names_the_fix():
+    x, w, b, t = _inputs()
+    layer = torch.nn.Linear(x.shape[1], V, dtype=x.dtype)
+    with pytest.raises(celib.InputError, match=r"got a Linear module; pass its \.weight"):
+        celib.linear_cross_entropy(x, layer, t)
+
+
 def test_bad_input_names_the_fix():
     x, w, b, t = _inputs()
     with pytest.raises(celib.InputError, match=r"hidden size 6 .* expects H = 5"):

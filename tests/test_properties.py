@@ -85,11 +85,11 @@ def test_focal_with_gamma_zero_is_cross_entropy(zt, reduction):
     z, t = zt
     w = np.linspace(0.5, 1.5, z.shape[1])
     np.testing.assert_allclose(
-        ref.focal_loss(z, t, 0.0, w, reduction=reduction), ref.cross_entropy(z, t, w, reduction=reduction), rtol=1e-12
+        ref.focal_loss(z, t, w, gamma=0.0, reduction=reduction), ref.cross_entropy(z, t, w, reduction=reduction), rtol=1e-12
     )
     tz, tt, tw = torch.tensor(z), torch.tensor(t), torch.tensor(w)
     torch.testing.assert_close(
-        celib.focal_loss(tz, tt, 0.0, tw, reduction=reduction), celib.cross_entropy(tz, tt, tw, reduction=reduction)
+        celib.focal_loss(tz, tt, tw, gamma=0.0, reduction=reduction), celib.cross_entropy(tz, tt, tw, reduction=reduction)
     )
 
 

@@ -86,8 +86,8 @@ def test_focal_losses_match_celib(gamma, reduction):
     t = torch.tensor([0, 1, 2, 3, -100, 1])
     w = torch.rand(4, dtype=torch.float64) + 0.1
     np.testing.assert_allclose(
-        ref.focal_loss(x.numpy(), t.numpy(), gamma, w.numpy(), reduction=reduction),
-        celib.focal_loss(x, t, gamma, w, reduction=reduction).numpy(),
+        ref.focal_loss(x.numpy(), t.numpy(), w.numpy(), gamma=gamma, reduction=reduction),
+        celib.focal_loss(x, t, w, gamma=gamma, reduction=reduction).numpy(),
         rtol=1e-12,
     )
     y = (torch.rand(6, 4) > 0.6).double()

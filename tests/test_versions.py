@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import pathlib
 import subprocess
 import sys
@@ -90,3 +91,29 @@ def test_float32_loss_dtype_computes_in_float32_on_every_backend(backend, dtype)
     a = x.clone().requires_grad_(True)
     celib.cross_entropy(a, t, backend=backend, loss_dtype=torch.float32).backward()
     assert a.grad.dtype == dtype
+
+
+def test_extras_install_what_their_features_need():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = lambda extra: {re.split(r"[<>=;\[ ]", r)[0] for r in extras[extra]}  # noqa: E731
+    assert names("transformers") == {"transformers", "accelerate"}  # Trainer needs accelerate
+    assert names("triton") == {"triton"}
+
+
+def test_no_advice_to_install_celib_by_name_from_the_package_index():
+    """'celib' on the package index is another project: every install line names the source tree."""
+    texts = [p.read_text() for p in [ROOT / "README.md", ROOT / "intro.md", ROOT / "using_celib.ipynb",
+                                     *ROOT.glob("celib/**/*.py"), *ROOT.glob("chapters/*.ipynb")]]
+    for text in texts:
+        assert not re.search(r"pip install[^\n]*['\"]?celib\[", text)
+        assert not re.search(r"pip install celib\b", text)
+    message = ""
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "_TRITON", False)
+            kernels._require_triton()
+    except ImportError as err:
+        message = str(err)
+    assert "pip install '.[triton]'" in message and "another project" in message

@@ -68,8 +68,10 @@ def applies(input: torch.Tensor, target: torch.Tensor) -> bool:
 def _require_triton() -> None:
     if not available():
         raise ImportError(
-            "backend='triton' needs the triton package, which is not installed (it exists for Linux: "
-            "pip install 'celib[triton]'). Use backend='torch' (or 'auto') instead."
+            "backend='triton' needs the triton package, which is not installed (it exists for Linux): "
+            "pip install 'triton>=3.6', or reinstall celib from its source tree with the extra, "
+            "pip install '.[triton]' (not 'celib' from the package index: that name belongs to another "
+            "project). Use backend='torch' (or 'auto') instead."
         )
     from celib._versions import check_triton
 
@@ -99,8 +101,14 @@ def triton_cross_entropy(
             float32, any strides; CUDA (compiled kernel) or CPU (interpreter).
         target: class indices (int64 or int32) of the batch shape, or
             probabilities of the input's shape.
-        weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse, loss_dtype: as in
-            :func:`celib.cross_entropy`.
+        weight: as in :func:`celib.cross_entropy`.
+        ignore_index: as in :func:`celib.cross_entropy`.
+        reduction: as in :func:`celib.cross_entropy`.
+        label_smoothing: as in :func:`celib.cross_entropy`.
+        z_loss: as in :func:`celib.cross_entropy`.
+        softcap: as in :func:`celib.cross_entropy`.
+        return_lse: as in :func:`celib.cross_entropy`.
+        loss_dtype: as in :func:`celib.cross_entropy`.
         inplace_backward: write the gradient over the logits' storage, so the
             extra memory is O(N) instead of O(N C). The logits' values are
             destroyed by the forward pass, and backward can run only once.
