@@ -3,12 +3,12 @@
 Two things a GPU timing depends on, established without a GPU (derived, not measured time):
 
 1. Traffic, forward + backward end to end: the kernels run under Triton's
-   interpreter while :func:`celib.kernels.traffic` counts every element they
+   interpreter while :func:`celib.kernels.tools.traffic` counts every element they
    load and store, every PyTorch operator on N x C tensors between them, and
    every host synchronisation.
 2. Resources as a launch compiles them, for an H100 (sm_90a): registers,
    spills, resident warps and SASS instructions per logit
-   (:mod:`celib.kernels.compile`), against the ~10 instructions per byte an
+   (:mod:`celib.kernels.tools.resources`), against the ~10 instructions per byte an
    H100 can issue: a kernel over that is issue-bound before memory-bound.
 
 Measured GPU timings come from ``benchmarks/gpu_check.py`` on a GPU.
@@ -27,6 +27,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # the meter counts under the interpreter, 
 import torch  # noqa: E402
 
 from celib import kernels  # noqa: E402
+from celib.kernels import tools  # noqa: E402
 
 SHAPES = [(4096, 32000), (8192, 128256)]
 
@@ -44,20 +45,20 @@ def traffic_table() -> None:
                                   (8, 1000, 256, 0.5), (2, 16384, None, 1.0), (2, 32000, None, 1.0),
                                   (2, 128256, None, 1.0)]:
         torch.manual_seed(0)
-        report = kernels.traffic(torch.randn(n, c), torch.randint(0, c, (n,)), max_block=block, upstream=upstream)
+        report = tools.traffic(torch.randn(n, c), torch.randint(0, c, (n,)), max_block=block, upstream=upstream)
         print(f"| {n} | {c} | {report.block} | {upstream} | {report.logits_read} | {report.grad_written} | "
               f"{report.reads_per_logit:.2f} | {report.writes_per_logit:.2f} |")
-    report = kernels.traffic(torch.randn(8, 1000), torch.randint(0, 1000, (8,)), backward=False)
+    report = tools.traffic(torch.randn(8, 1000), torch.randint(0, 1000, (8,)), backward=False)
     print(f"Forward only (evaluation, no gradient): {report.reads_per_logit:.2f} reads and "
           f"{report.writes_per_logit:.2f} writes per logit.")
     x, t = torch.randn(4, 300), torch.randint(0, 300, (4,))
-    on, off = (kernels.traffic(x, t, check_inputs=flag).host_syncs for flag in (True, False))
+    on, off = (tools.traffic(x, t, check_inputs=flag).host_syncs for flag in (True, False))
     print(f"Host synchronisations per call: {on} with check_inputs=True (the target range check), "
           f"{off} with check_inputs=False.")
 
 
 def resources() -> None:
-    code = ("from celib.kernels.compile import Config, compile_config, budget\n"
+    code = ("from celib.kernels.tools.resources import Config, compile_config, budget\n"
             "from celib.kernels.launch import block_size\n"
             f"for n, c in {SHAPES + [(8192, 16384)]!r}:\n"
             "    one = block_size(c) >= c\n"

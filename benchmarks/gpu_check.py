@@ -166,9 +166,10 @@ def check(case: Case, device: str, interpreted: bool) -> dict:
 
     x, t, opts = _inputs(case, device)
     a = x.detach().clone().requires_grad_(True)
-    with launch.tuned(**case.tuning):
-        loss = kernels.triton_cross_entropy(a, t, reduction=case.reduction, max_block=case.max_block,
-                                            loss_dtype=torch.float32, **opts)
+    tuning = dict(case.tuning) if case.max_block is None else {"max_block": case.max_block, **case.tuning}
+    with launch.tuned(**tuning):
+        loss = celib.cross_entropy(a, t, reduction=case.reduction, backend="triton", loss_dtype=torch.float32,
+                                   **opts)
         up = (torch.rand(loss.shape, device=device, dtype=torch.float64) + 0.5) if case.reduction == "none" \
             else None
         (loss * up.float()).sum().backward() if up is not None else loss.backward()
@@ -209,7 +210,7 @@ def check_int64_offsets(device: str) -> dict:
     x = torch.randn(n, c, device=device, dtype=torch.bfloat16, generator=g)
     t = torch.randint(0, c, (n,), device=device, generator=g)
     x.requires_grad_(True)
-    loss = kernels.triton_cross_entropy(x, t, reduction="none", loss_dtype=torch.float32)
+    loss = celib.cross_entropy(x, t, reduction="none", backend="triton", loss_dtype=torch.float32)
     loss.sum().backward()
     tail = slice(n - 4, n)
     x64 = x.detach()[tail].double().requires_grad_(True)
@@ -454,7 +455,8 @@ def main() -> int:
     if not kernels.available():
         print("triton is not installed: nothing to check.")
         return 1
-    from celib.kernels.launch import interpreted, tuning
+    from celib.kernels._mode import interpreted
+    from celib.kernels.launch import tuning
 
     import numpy
     import triton

@@ -11,18 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from celib import validate
+from celib import _backend, kernels, validate
 from celib.errors import InputError
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def _kernels():
-    """Import the optional Triton kernels only when they are asked for."""
-    from celib import kernels
-
-    return kernels
-
 
 def _positions_weight(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
     """Per-position weight of an index target: ``weight[target]``, 0 where ignored."""
@@ -129,28 +119,13 @@ def cross_entropy(
         ...
         celib.errors.InputError: ...
     """
-    if backend not in BACKENDS:
-        raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}.")
     reduction = validate.legacy_reduction(size_average, reduce, reduction)
     validate.check_cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing)
     validate.check_extras(z_loss, softcap)
-    use_kernel = backend == "triton"
-    if backend == "auto" and input.is_cuda:
-        kernels = _kernels()
-        use_kernel = kernels.available() and kernels.applies(input, target)
-    if use_kernel:
-        return _kernels().triton_cross_entropy(
-            input,
-            target,
-            weight,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            return_lse=return_lse,
-            inplace_backward=inplace_backward,
-            loss_dtype=loss_dtype,
+    if _backend.use_kernel(backend, input):
+        return kernels._cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=softcap,
+            return_lse=return_lse, inplace_backward=inplace_backward, loss_dtype=loss_dtype,
             check_inputs=check_inputs,
         )
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]

@@ -23,7 +23,7 @@ import contextlib
 
 import torch
 
-from celib import validate
+from celib import _backend, validate
 from celib.errors import InputError
 
 #: The GPU the CUDA rule is derived for, an H100 SXM: dense tensor-core throughput (FLOP/s) per input
@@ -497,11 +497,13 @@ def _fold(g, xs, w, gx, gw, gb, start):
         gb += g.sum(0).to(gb.dtype)
 
 
-@torch.compiler.assume_constant_result
-def _autocast_available(device_type: str) -> bool:
-    """``torch.amp.is_autocast_available``, a constant to torch.compile: torch 2.9's Dynamo has no rule
-    for the C function it calls (2.13 has), and would stop a ``fullgraph=True`` compile there."""
-    return torch.amp.is_autocast_available(device_type)
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``. Under torch.compile the availability check is skipped
+    (the traced devices have autocast): torch 2.9's Dynamo has no rule for the C function
+    ``torch.amp.is_autocast_available`` calls (2.13 has), and would stop a ``fullgraph=True`` compile."""
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 def linear_cross_entropy(
@@ -584,12 +586,10 @@ def linear_cross_entropy(
         >>> bool(torch.isclose(fused, unfused, rtol=1e-12))
         True
     """
-    from celib.functional import BACKENDS
-
-    if backend not in BACKENDS:
-        raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}.")
+    if backend not in _backend.BACKENDS:
+        raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, _backend.BACKENDS))}.")
     device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
-    autocast = _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    autocast = _autocast_on(device_type)
     if autocast:  # as F.linear under autocast: the products in the autocast dtype (casts are differentiable)
         dt = torch.get_autocast_dtype(device_type)
         input, linear_weight, linear_bias = (
@@ -603,18 +603,7 @@ def linear_cross_entropy(
     if check_inputs:
         validate.check_target_range(t, vocab, ignore_index)
     t = t.long()
-    use_kernel = backend == "triton"
-    if backend == "auto" and input.is_cuda:
-        from celib import kernels
-
-        use_kernel = kernels.available() and input.dtype in kernels.DTYPES
-    if use_kernel:
-        from celib import kernels
-
-        kernels._require_triton()
-        if input.dtype not in kernels.DTYPES:
-            raise InputError(f"the Triton kernel takes float16, bfloat16 or float32, got {input.dtype}; "
-                             f"use backend='torch'.")
+    use_kernel = _backend.use_kernel(backend, input)
     x, w, b = input.reshape(-1, hidden), linear_weight, linear_bias
     rows = chunk_rows(x.shape[0], vocab, chunk_size, dtype=x.dtype, device=x.device, memory=chunk_memory)
     args = (x, w, b, t, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),

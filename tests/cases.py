@@ -66,3 +66,15 @@ def cross_entropy_cases(dtype=torch.float64) -> list[CECase]:
         cases.append(CECase(f"empty-probs-{reduction}", _logits(0, C, dtype=dtype), _probs(0, C, dtype=dtype), dict(reduction=reduction)))
         cases.append(CECase(f"one-class-{reduction}", _logits(4, 1, dtype=dtype), torch.zeros(4, dtype=torch.long), dict(reduction=reduction)))
     return cases
+
+
+def fused(input, target, max_block=None, **kwargs):
+    """``celib.cross_entropy(input, target, backend="triton", **kwargs)``, with the kernel's one-block limit
+    set to ``max_block`` for the call (``launch.tuned``) when given: small blocks make short rows stream."""
+    import contextlib
+
+    import celib
+    from celib.kernels import launch
+
+    with launch.tuned(max_block=max_block) if max_block else contextlib.nullcontext():
+        return celib.cross_entropy(input, target, backend="triton", **kwargs)

@@ -10,6 +10,7 @@ import celib
 import celib.distributed
 import celib.integrations.transformers
 import celib.kernels
+import celib.kernels.tools
 import celib.nn
 import celib.ref
 
@@ -23,13 +24,15 @@ def _documented() -> set[str]:
 def test_every_public_name_is_documented():
     documented = _documented()
     expected = {f"celib.{n}" for n in celib.__all__ if not isinstance(getattr(celib, n), types.ModuleType)}
-    for module in (celib.nn, celib.ref, celib.distributed, celib.kernels, celib.integrations.transformers):
+    for module in (celib.nn, celib.ref, celib.distributed, celib.kernels, celib.kernels.tools,
+                   celib.integrations.transformers):
         expected |= {f"{module.__name__}.{n}" for n in module.__all__}
     assert expected - documented == set(), f"public names missing from api.md: {sorted(expected - documented)}"
 
 
 def test_submodules_declare_their_public_names():
-    for module in (celib.nn, celib.ref, celib.distributed, celib.kernels, celib.integrations.transformers):
+    for module in (celib.nn, celib.ref, celib.distributed, celib.kernels, celib.kernels.tools,
+                   celib.integrations.transformers):
         public = {n for n, v in vars(module).items() if not n.startswith("_") and callable(v)
                   and getattr(v, "__module__", "").startswith(module.__name__)}
         assert public <= set(module.__all__), f"{module.__name__}: public but not in __all__: {public - set(module.__all__)}"
@@ -45,7 +48,8 @@ def test_napoleon_reads_each_parameter_and_the_returns_as_written():
     from sphinx.ext.napoleon.docstring import GoogleDocstring
 
     config = Config(napoleon_use_param=True, napoleon_use_rtype=True)
-    for module in (celib, celib.nn, celib.ref, celib.distributed, celib.kernels, celib.integrations.transformers):
+    for module in (celib, celib.nn, celib.ref, celib.distributed, celib.kernels, celib.kernels.tools,
+                   celib.integrations.transformers):
         for name in module.__all__:
             obj = getattr(module, name)
             if isinstance(obj, types.ModuleType) or not callable(obj):

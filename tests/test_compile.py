@@ -7,6 +7,7 @@ import torch
 
 import celib
 from celib import kernels
+from celib.kernels import launch
 from tests import bounds
 
 COMPILERS = ["eager", "aot_eager", "inductor"]
@@ -60,10 +61,11 @@ def test_streamed_rows_under_compile():
     if not kernels.available():
         pytest.skip("triton is not installed")
     x, t = torch.randn(4, 1000), torch.randint(0, 1000, (4,))
-    compiled = torch.compile(lambda a, b: kernels.triton_cross_entropy(a, b, max_block=128), fullgraph=True,
+    compiled = torch.compile(lambda a, b: celib.cross_entropy(a, b, backend="triton"), fullgraph=True,
                              backend="aot_eager")
     a = x.clone().requires_grad_(True)
-    compiled(a, t).backward()
+    with launch.tuned(max_block=128):
+        compiled(a, t).backward()
     tr = bounds.truth(x, t, block=128)
     bounds.assert_within(a.grad, tr.grad, tr.grad_bound, "compiled gradient, streamed rows")
 
@@ -71,7 +73,8 @@ def test_streamed_rows_under_compile():
 def test_inplace_backward_refused_under_compile():
     if not kernels.available():
         pytest.skip("triton is not installed")
-    compiled = torch.compile(lambda a, b: kernels.triton_cross_entropy(a, b, inplace_backward=True), fullgraph=True,
+    compiled = torch.compile(lambda a, b: celib.cross_entropy(a, b, backend="triton", inplace_backward=True),
+                             fullgraph=True,
                              backend="eager")
     with pytest.raises(Exception, match="inplace_backward"):
         compiled(torch.randn(3, 5, requires_grad=True), torch.tensor([0, 1, 2]))

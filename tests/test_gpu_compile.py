@@ -35,7 +35,7 @@ def _script(code: str) -> str:
 
 @pytest.fixture(scope="module")
 def table() -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "celib.kernels.compile"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "celib.kernels.tools.resources"], cwd=ROOT,
                          env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)  # the table, for the log
@@ -92,7 +92,7 @@ def test_options_cost_only_when_on(table):
 
 
 def test_instruction_counter_on_a_known_listing():
-    from celib.kernels.compile import sass_instructions
+    from celib.kernels.tools.resources import sass_instructions
 
     sass = """
         /*0000*/                   LDC R1, c[0x0][0x28] ;
@@ -111,7 +111,7 @@ def test_instruction_counter_on_a_known_listing():
 def test_unit_class_stride_specialisation_saves_instructions():
     """A contiguous row's class stride is the constant 1 in a launch: fewer instructions per logit than
     the same kernel on a strided row (64-bit address arithmetic per element)."""
-    code = ("from celib.kernels.compile import Config, compile_config; "
+    code = ("from celib.kernels.tools.resources import Config, compile_config; "
             "r = compile_config(Config('forward', 8192, layout='strided'), 90); "
             "s = compile_config(Config('forward', 8192), 90); "
             "print(r.registers, r.per_logit, s.registers, s.per_logit)")

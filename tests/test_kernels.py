@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import celib
-from celib import kernels
-from celib.kernels import launch
+from celib import _backend, kernels
+from celib.kernels import launch, tools
 from celib.kernels.launch import MAX_BLOCK, block_size
 from tests import bounds
+from tests.cases import fused
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 
@@ -26,7 +27,7 @@ def both(x: torch.Tensor, target, upstream: torch.Tensor | None = None, **kwargs
     a = x.detach().clone().requires_grad_(True)
     b = x.detach().clone().requires_grad_(True)
     torch_kwargs = {k: v for k, v in kwargs.items() if k != "max_block"}
-    la = kernels.triton_cross_entropy(a, target, **kwargs)
+    la = fused(a, target, **kwargs)
     lb = celib.cross_entropy(b, target, backend="torch", **torch_kwargs)
     up = upstream if upstream is not None else torch.ones_like(la)
     (la * up).sum().backward()
@@ -165,7 +166,7 @@ def test_extras_match_the_torch_path():
         kw = dict(weight=w, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
         up = torch.randn(12) if reduction == "none" else None
         check(x, t, up, max_block=16, **kw)
-    loss, lse = kernels.triton_cross_entropy(x, t, softcap=5.0, return_lse=True)
+    loss, lse = fused(x, t, softcap=5.0, return_lse=True)
     assert lse.dtype == torch.float32
     exact = torch.logsumexp(5.0 * torch.tanh(x.double() / 5.0), 1)
     # lse = m + log d: |lse| <= 5 + log 70, d to (log2 128 + 1 + log 70 + 8) u, tanh to a few u of |z| <= 5
@@ -176,7 +177,7 @@ def test_loss_reused_and_scaled_after_the_call():
     x = torch.randn(6, 30)
     t = torch.randint(0, 30, (6,))
     a = x.clone().requires_grad_(True)
-    la = kernels.triton_cross_entropy(a, t)
+    la = fused(a, t)
     (3.0 * la + la**2).backward()
     # truth: d(3 l + l^2) = (3 + 2 l) dl; the kernel's dl is within the bound, and l (in the upstream
     # 3 + 2 l) is off by at most the loss bound, which moves the gradient by 2 |loss bound| |dl|
@@ -193,7 +194,7 @@ def test_inplace_backward_writes_the_gradient_over_the_logits():
     leaf = x.clone().requires_grad_(True)
     logits = leaf * 1.0  # a non-leaf, as the output of a model's last layer
     storage = logits.data_ptr()
-    loss = kernels.triton_cross_entropy(logits, t, inplace_backward=True)
+    loss = fused(logits, t, inplace_backward=True)
     bounds.assert_within(loss, tr.loss, tr.loss_bound, "loss")
     bounds.assert_within(logits, tr.grad, tr.grad_bound, "gradient in the logits' storage")
     loss.backward()
@@ -235,7 +236,7 @@ def test_confident_row_keeps_its_bfloat16_gradient():
     x[0, 3] = 10.0  # true logit = max + 10
     t = torch.tensor([3])
     a = x.to(torch.bfloat16).requires_grad_(True)
-    kernels.triton_cross_entropy(a, t, reduction="sum").backward()
+    fused(a, t, reduction="sum").backward()
     exact = torch.softmax(x.double(), 1)[0, 3] - 1  # about -2.9e-3
     assert a.grad[0, 3].item() != 0.0
     assert abs(a.grad[0, 3].double() - exact) / abs(exact) < 1e-2
@@ -244,8 +245,8 @@ def test_confident_row_keeps_its_bfloat16_gradient():
 def test_loss_dtype():
     x = torch.randn(4, 10).to(torch.bfloat16)
     t = torch.randint(0, 10, (4,))
-    assert kernels.triton_cross_entropy(x, t).dtype == torch.bfloat16
-    assert kernels.triton_cross_entropy(x, t, loss_dtype=torch.float32).dtype == torch.float32
+    assert fused(x, t).dtype == torch.bfloat16
+    assert fused(x, t, loss_dtype=torch.float32).dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- validation, bounds
@@ -254,14 +255,15 @@ def test_loss_dtype():
 def test_invalid_targets_raise_or_stay_in_bounds():
     x = torch.randn(3, 5)
     with pytest.raises(celib.InputError, match="class index 7"):
-        kernels.triton_cross_entropy(x, torch.tensor([0, 7, 1]))
+        fused(x, torch.tensor([0, 7, 1]))
     with pytest.raises(celib.InputError, match="float64"):
-        kernels.triton_cross_entropy(x.double(), torch.tensor([0, 1, 1]))
+        fused(x.double(), torch.tensor([0, 1, 1]))
     with pytest.raises(celib.InputError, match="power of two"):
-        kernels.triton_cross_entropy(x, torch.tensor([0, 1, 1]), max_block=48)
+        with launch.tuned(max_block=48):
+            pass
     # Unchecked wrong targets: no read or write outside the row (the meter sees none), and nan for those
     # rows, never a finite wrong number. The one in-range target's logit is one scalar load (15 + 1).
-    report = kernels.traffic(x, torch.tensor([0, 7, -5]), check_inputs=False)
+    report = tools.traffic(x, torch.tensor([0, 7, -5]), check_inputs=False)
     assert report.logits_read == 15 + 1 and report.grad_written == 15
 
 
@@ -269,8 +271,8 @@ def test_backend_dispatch():
     x, t = torch.randn(4, 6), torch.randint(0, 6, (4,))
     tr = bounds.truth(x, t, block=8)
     bounds.assert_within(celib.cross_entropy(x, t, backend="triton"), tr.loss, tr.loss_bound, "loss")
-    assert not kernels.applies(x, t)  # CPU tensors: "auto" never picks the interpreter
-    module = kernels.TritonCrossEntropyLoss(label_smoothing=0.1)
+    assert not _backend.use_kernel("auto", x)  # CPU tensors: "auto" never picks the interpreter
+    module = celib.nn.CrossEntropyLoss(label_smoothing=0.1, backend="triton")
     tr = bounds.truth(x, t, block=8, label_smoothing=0.1)
     bounds.assert_within(module(x, t), tr.loss, tr.loss_bound, "module loss")
 
@@ -333,7 +335,7 @@ def test_traffic_one_block_forward_and_backward_at_the_floor(target_kind, reduct
     one scalar load of the target's logit per row for index targets."""
     x = torch.randn(8, 100)
     t = torch.randint(0, 100, (8,)) if target_kind == "index" else torch.softmax(torch.randn(8, 100), 1)
-    report = kernels.traffic(x, t, reduction=reduction)
+    report = tools.traffic(x, t, reduction=reduction)
     assert report.block == 128
     target_loads = 8 if target_kind == "index" else 0
     assert (report.logits_read, report.grad_written) == (800 + target_loads, 800), report.torch_ops
@@ -342,7 +344,7 @@ def test_traffic_one_block_forward_and_backward_at_the_floor(target_kind, reduct
 
 def test_traffic_one_block_upstream_not_one_recomputes_from_the_logits():
     x = torch.randn(8, 100)
-    report = kernels.traffic(x, torch.randint(0, 100, (8,)), upstream=0.5)
+    report = tools.traffic(x, torch.randint(0, 100, (8,)), upstream=0.5)
     # forward 1R + 1W (+ the target logits), backward re-reads the logits and writes the gradient once
     assert (report.logits_read, report.grad_written) == (2 * 800 + 8, 2 * 800)
     assert report.torch_ops == ()
@@ -352,7 +354,7 @@ def test_traffic_one_block_upstream_not_one_recomputes_from_the_logits():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_traffic_streamed_rows_read_twice_write_once(upstream, reduction):
     x = torch.randn(4, 1000)
-    report = kernels.traffic(x, torch.randint(0, 1000, (4,)), max_block=128, weight=torch.rand(1000),
+    report = tools.traffic(x, torch.randint(0, 1000, (4,)), max_block=128, weight=torch.rand(1000),
                              upstream=upstream, reduction=reduction)
     assert report.block == 128
     assert (report.logits_read, report.grad_written) == (2 * 4000 + 4, 4000), report.torch_ops
@@ -365,7 +367,7 @@ def test_traffic_same_program_design(upstream):
     where the split design stays at 2 R + 1 W)."""
     x = torch.randn(4, 1000)
     with launch.tuned(two_sweeps=True, programs=2):
-        report = kernels.traffic(x, torch.randint(0, 1000, (4,)), max_block=128, upstream=upstream)
+        report = tools.traffic(x, torch.randint(0, 1000, (4,)), max_block=128, upstream=upstream)
     expected = (2 * 4000 + 4, 4000) if upstream == 1.0 else (3 * 4000 + 4, 2 * 4000)
     assert (report.logits_read, report.grad_written) == expected, report.torch_ops
     assert report.torch_ops == ()
@@ -374,26 +376,26 @@ def test_traffic_same_program_design(upstream):
 @pytest.mark.parametrize("max_block", [None, 128])
 def test_traffic_forward_only_reads_once(max_block):
     x = torch.randn(4, 1000)
-    report = kernels.traffic(x, torch.randint(0, 1000, (4,)), backward=False, max_block=max_block)
+    report = tools.traffic(x, torch.randint(0, 1000, (4,)), backward=False, max_block=max_block)
     assert (report.logits_read, report.grad_written) == (4000 + 4, 0)  # + one target logit per row
 
 
 def test_no_host_synchronisation_without_input_checks():
     x, t = torch.randn(4, 300), torch.randint(0, 300, (4,))
     for max_block in (None, 64):
-        assert kernels.traffic(x, t, check_inputs=False, max_block=max_block, label_smoothing=0.1).host_syncs == 0
-    assert kernels.traffic(x, t, check_inputs=True).host_syncs >= 1  # the range check reads the targets
+        assert tools.traffic(x, t, check_inputs=False, max_block=max_block, label_smoothing=0.1).host_syncs == 0
+    assert tools.traffic(x, t, check_inputs=True).host_syncs >= 1  # the range check reads the targets
 
 
 def test_meter_sees_pytorch_operators_on_the_logits():
     """The meter is not blind to work outside the kernels: a softmax before the loss is counted."""
-    from celib.kernels.meter import measure
+    from celib.kernels.tools.meter import measure
 
     x = torch.randn(4, 100, requires_grad=True)
 
     def run():
         probs = torch.softmax(x, 1)  # reads N x C, writes N x C
-        kernels.triton_cross_entropy(probs, torch.zeros(4, dtype=torch.long)).backward()
+        fused(probs, torch.zeros(4, dtype=torch.long)).backward()
         return x, x.grad
 
     report = measure(run, x, 128)
@@ -408,7 +410,7 @@ def test_second_backward_recomputes_the_gradient():
     t = torch.randint(0, 50, (6,))
     tr = bounds.truth(x, t, block=64)
     a = x.clone().requires_grad_(True)
-    loss = kernels.triton_cross_entropy(a, t)
+    loss = fused(a, t)
     (g1,) = torch.autograd.grad(2.0 * loss, a, retain_graph=True)
     (g2,) = torch.autograd.grad(3.0 * loss, a)
     bounds.assert_within(g1, 2 * tr.grad, 2 * tr.grad_bound, "first backward")
@@ -420,7 +422,7 @@ def test_second_backward_recomputes_the_gradient():
 
 def test_row_offsets_are_64_bit():
     """row_offset must not wrap when row * stride >= 2**31, even with 32-bit arguments."""
-    from celib.kernels.launch import interpreted
+    from celib.kernels._mode import interpreted
 
     assert interpreted() or torch.cuda.is_available()  # sets Triton's mode before triton is imported here
     from tests.kernel_probe import offset_probe as probe

@@ -17,6 +17,7 @@ from celib import kernels
 from celib.kernels import launch
 from celib.kernels.launch import block_size
 from tests import bounds
+from tests.cases import fused
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 
@@ -82,7 +83,7 @@ def test_every_upstream_layout_gives_the_right_gradient(backend, case, shape):
         logits = leaf * 1.0  # a non-leaf, as a model's output (in place overwrites it)
         with launch.tuned(two_sweeps=two_sweeps, programs=2):
             if backend == "triton":
-                loss = kernels.triton_cross_entropy(logits, t, reduction="none", max_block=max_block, **kw)
+                loss = fused(logits, t, reduction="none", max_block=max_block, **kw)
             else:
                 loss = celib.cross_entropy(logits, t, reduction="none", backend=backend, **kw)
             run_backward(loss)
@@ -213,13 +214,13 @@ def test_unchecked_out_of_range_targets_give_nan_never_a_finite_wrong_loss(max_b
     if kw.get("weight") == "w":
         kw["weight"] = torch.rand(40) + 0.5
     a = x.clone().requires_grad_(True)
-    loss = kernels.triton_cross_entropy(a, t, reduction="none", check_inputs=False, max_block=max_block, **kw)
+    loss = fused(a, t, reduction="none", check_inputs=False, max_block=max_block, **kw)
     loss.sum().backward()
     assert torch.isfinite(loss[0]) and loss[4] == 0
     assert torch.isnan(loss[1:4]).all(), loss
     assert torch.isnan(a.grad[1:4]).all() and torch.isfinite(a.grad[[0, 4]]).all()
     assert torch.equal(a.grad[4], torch.zeros(40))
-    mean = kernels.triton_cross_entropy(x, t, check_inputs=False, max_block=max_block, **kw)
+    mean = fused(x, t, check_inputs=False, max_block=max_block, **kw)
     assert torch.isnan(mean)
 
 
@@ -237,6 +238,6 @@ def test_half_precision_gradient_rounded_once_at_any_upstream(c, max_block):
     grads = []
     for dtype in (torch.float16, torch.float32):
         a = x.detach().to(dtype).clone().requires_grad_(True)
-        kernels.triton_cross_entropy(a, t, reduction="none", max_block=max_block).backward(up)
+        fused(a, t, reduction="none", max_block=max_block).backward(up)
         grads.append(a.grad)
     assert torch.equal(grads[0], grads[1].half())

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import celib
-from celib import _versions, kernels
+from celib import _backend, _versions, kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,18 @@ def test_no_advice_to_install_celib_by_name_from_the_package_index():
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(kernels, "_TRITON", False)
-            kernels._require_triton()
+            _backend.require_triton()
     except ImportError as err:
         message = str(err)
     assert "pip install '.[triton]'" in message and "another project" in message
+
+
+def test_import_celib_loads_no_instrument_no_triton_and_no_compiler():
+    """The runtime never imports the measuring tools; triton and torch._dynamo load only when used."""
+    code = ("import sys, celib; "
+            "print(sorted(m for m in ('triton', 'torch._dynamo', 'celib.kernels.tools', "
+            "'celib.kernels.tools.meter', 'celib.kernels.tools.resources') if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from celib import validate
 from celib.kernels import launch as L
 
 
@@ -62,7 +63,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         in_place = inplace_backward and compute_grad  # write the gradient over the logits' storage
         out = L.forward(x.detach(), t, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale,
                         compute_grad, grad_out=x.detach() if in_place else None, max_block=max_block)
-        batch_shape = logits.shape[:0] if logits.dim() == 1 else logits.shape[:1] + logits.shape[2:]
+        batch_shape = validate.index_target_shape(logits)
         loss = _reduce(out.loss, denominator, reduction)
         loss = loss.view(batch_shape) if reduction == "none" else loss
         lse = out.lse.view(batch_shape)

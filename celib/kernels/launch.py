@@ -1,4 +1,10 @@
-"""Host side of the kernels: shapes, strides, launch configurations, and the three launches."""
+"""Host side of the kernels: shapes, strides, launch configurations, and the three launches.
+
+Internal to ``celib.kernels``: the names in ``__all__`` are the ones its autograd
+Function, :mod:`celib.linear`, the tools in :mod:`celib.kernels.tools`, the GPU
+benchmark and chapter 5 use; :class:`Tuning` and :func:`tuned` are documented in
+the API reference.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,19 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
-
-import numpy as np
 import torch
 
 from celib.errors import InputError
+from celib.kernels import _mode
+
+__all__ = ["MAX_BLOCK", "MAX_BLOCK_HEAVY", "Forward", "Launch", "Tuning", "as_rows", "backward", "block_size",
+           "forward", "max_block_for", "num_warps", "plan_backward", "plan_forward", "scale_", "tuned", "tuning"]
 
 #: Largest block of logits one program holds; longer rows are streamed in blocks of this size.
-#: Rows up to this length are read once (forward + backward), longer ones twice. Compiled as a launch
-#: specialises them (``python -m celib.kernels.compile``), one-block rows of 16384 bf16 logits take 54-60
-#: registers per thread at 16 warps on sm_80, sm_90a and sm_100a, with no spill; see ``max_block_for``
-#: for the options that need more. Provisional: see :class:`Tuning`.
+#: Rows up to this length are read once (forward + backward), longer ones twice. Every launch up to it
+#: compiles without spilling for sm_80, sm_90a and sm_100a (the table of
+#: ``python -m celib.kernels.tools.resources``, checked by ``tests/test_gpu_compile.py``); see
+#: ``max_block_for`` for the options that need more. Provisional: see :class:`Tuning`.
 MAX_BLOCK = 16384
 #: The largest one-block row when probability targets or soft-capping are on (more values live per logit).
 MAX_BLOCK_HEAVY = 8192
@@ -88,11 +95,10 @@ def num_warps(block: int) -> int:
     """Warps per program for a block of ``block`` logits: one per 1024 logits, at least 4 and at most 16
     (2048 and 4096: 4; 8192: 8; 16384: 16; so 16 or 32 values of a row per thread).
 
-    Chosen from the compile table (``tests/test_gpu_compile.py`` checks every launch for sm_80, sm_90a
-    and sm_100a): more warps shorten the block reductions per thread but spend more instructions per
-    logit on them (one-block bf16 forward on sm_90a at 16384: 8 warps 16.0 instructions per logit and
-    105 registers, 16 warps 17.9 and 56, 32 warps 23.4 and 32); fewer warps hold more values per thread,
-    and with every option on 8 warps at 16384 spill. Provisional: see :class:`Tuning`.
+    Chosen from the compile table (``python -m celib.kernels.tools.resources``; chapter 5 prints the
+    trade-off): more warps mean fewer registers per thread but more instructions per logit for the
+    block reductions; fewer warps hold more values per thread, and with every option on they spill.
+    Provisional: see :class:`Tuning`.
     """
     return max(4, min(16, block // 1024))
 
@@ -120,45 +126,16 @@ def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
     return max(1, min(rows, max(props.multi_processor_count, fit)))
 
 
-@lru_cache(maxsize=None)
-def _kernels():
-    """The kernels: compiled for GPUs, or, on a machine without CUDA, run by Triton's interpreter.
-
-    Triton chooses between the two when it is first imported (the TRITON_INTERPRET variable), for its
-    own library as well as for kernels defined later, so the choice cannot be changed afterwards.
-    ``celib.kernels`` sets that variable when it is imported on a machine without a GPU, before anything
-    has imported triton, so nobody has to set it by hand; see :func:`_check_device` for the other order.
-    """
-    from celib.kernels import kernel  # Triton's mode was chosen when triton was first imported
-
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(kernel.forward_kernel, InterpretedFunction):
-        import triton
-
-        from celib._versions import check_interpreter
-
-        check_interpreter(triton.__version__, np.__version__)
-    return kernel
-
-
-def interpreted() -> bool:
-    """True when the kernels run under Triton's interpreter (on the CPU)."""
-    kernel = _kernels()  # first: it decides the mode before triton is imported
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel.forward_kernel, InterpretedFunction)
-
-
 def block_size(num_classes: int, max_block: int | None = None, *, probability_target: bool = False,
                softcap: bool = False) -> int:
     """Power-of-two block: the whole row if it fits in ``max_block`` (capped by :func:`max_block_for`
     for the call's options; None: that cap alone), else that cap."""
     max_block = max_block or _tuning.max_block
-    return min(triton_next_power_of_2(num_classes), max_block, max_block_for(probability_target, softcap))
+    return min(_next_power_of_2(num_classes), max_block, max_block_for(probability_target, softcap))
 
 
-def triton_next_power_of_2(n: int) -> int:
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -170,26 +147,6 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     for size in x.shape[2:]:
         inner *= size
     return x.reshape(x.shape[0], x.shape[1], inner)
-
-
-def _quiet(device: torch.device):
-    """Under the interpreter (NumPy), silence inf * 0 and log(0) in lanes that tl.where then discards."""
-    if device.type == "cpu":
-        return np.errstate(invalid="ignore", divide="ignore")
-    return contextlib.nullcontext()
-
-
-def _check_device(logits: torch.Tensor) -> None:
-    if not logits.is_cuda and not interpreted():
-        if torch.cuda.is_available():
-            cause = "this machine has a GPU, so Triton was imported in compiled mode"
-        else:
-            cause = ("triton was imported in compiled mode before celib (torch._dynamo and transformers import "
-                     "it), and Triton fixes its mode when it is first imported")
-        raise InputError(
-            f"CPU tensors need Triton's interpreter, but {cause}. Set TRITON_INTERPRET=1 in the environment "
-            f"before starting Python (or import celib first), or move the tensors to the GPU."
-        )
 
 
 def _target_strides(target: torch.Tensor) -> tuple[int, int, int]:
@@ -216,7 +173,7 @@ class Forward:
 class Launch:
     """One kernel launch, planned: which kernel, its grid, its arguments and compile-time flags.
 
-    :mod:`celib.kernels.compile` compiles exactly these (with the specialisation Triton's JIT applies
+    :mod:`celib.kernels.tools.resources` compiles exactly these (with the specialisation Triton's JIT applies
     to the arguments) to read the resources a real launch uses.
     """
 
@@ -228,8 +185,8 @@ class Launch:
 
     def run(self, device: torch.device) -> None:
         if self.grid[0]:
-            with _quiet(device):
-                fn = getattr(_kernels(), self.kernel)
+            with _mode.quiet(device):
+                fn = getattr(_mode.kernels(), self.kernel)
                 fn[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
 
 
@@ -288,7 +245,7 @@ def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softc
             (else backward does).
         grad_out: where to write it ((N, C, S), e.g. the logits themselves); a new tensor if None.
     """
-    _check_device(logits)
+    _mode.check_device(logits)
     launch, out = plan_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale,
                                compute_grad, grad_out, max_block)
     launch.run(logits.device)

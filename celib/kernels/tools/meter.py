@@ -1,5 +1,8 @@
 """A memory-traffic meter for a cross-entropy call, forward and backward, under Triton's interpreter.
 
+A development and teaching instrument, not runtime code: it wraps internals of
+Triton's interpreter (its masked load and store, ``GridExecutor.__call__``).
+
 Two counters run together:
 
 - the kernels: the interpreter's masked load and store are wrapped, and the

@@ -1,5 +1,10 @@
 """Compile the kernels for real GPUs as a launch would, without one, and read their resources.
 
+A development instrument, not runtime code: it calls Triton internals
+(``create_function_from_signature``, ``JITFunction._pack_args``) and the
+``ptxas``/``cuobjdump`` bundled with Triton, and is tested with the pinned
+Triton and the oldest supported one (3.6; 3.5 lacks ``ptxas-blackwell``).
+
 A launch does not compile a kernel with generic arguments: Triton's JIT
 *specialises* it to the arguments it is given. An integer argument equal to 1
 (a unit stride, ``n_inner`` of a 2-D input) becomes a compile-time constant,
@@ -32,7 +37,7 @@ about 1.98 GHz: 3.3e13 per second, or about 10 per byte of its 3.35 TB/s. A
 kernel that moves b bytes per logit and issues more than 10 b instructions per
 logit is issue-bound before it is memory-bound (:func:`budget`).
 
-Run ``python -m celib.kernels.compile`` for the table. It needs Triton in
+Run ``python -m celib.kernels.tools.resources`` for the table. It needs Triton in
 compiled mode, so it sets ``TRITON_INTERPRET=0`` before Triton is imported
 (run it in a fresh process, not after ``import celib`` on a machine without a GPU).
 """

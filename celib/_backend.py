@@ -1,0 +1,49 @@
+"""Which backend a call runs on: PyTorch operations, or celib's Triton kernel. Decided here, once."""
+
+from __future__ import annotations
+
+import torch
+
+from celib.errors import InputError
+
+#: The values of every ``backend=`` argument.
+BACKENDS = ("auto", "torch", "triton")
+
+
+def require_triton() -> None:
+    """Raise ImportError, with the way to install it, when triton is missing or older than supported."""
+    from celib import kernels
+
+    if not kernels.available():
+        raise ImportError(
+            "backend='triton' needs the triton package, which is not installed (it exists for Linux): "
+            "pip install 'triton>=3.6', or reinstall celib from its source tree with the extra, "
+            "pip install '.[triton]' (not 'celib' from the package index: that name belongs to another "
+            "project). Use backend='torch' (or 'auto') instead."
+        )
+    from celib._versions import check_triton
+
+    check_triton()
+
+
+def use_kernel(backend: str, input: torch.Tensor) -> bool:
+    """True when a call runs the Triton kernel: ``backend="triton"``, or ``"auto"`` on a CUDA tensor of a
+    dtype the kernel takes with triton installed (``"auto"`` never picks the interpreter).
+
+    Raises:
+        InputError: an unknown backend, or ``"triton"`` for a dtype the kernel does not take.
+        ImportError: ``"triton"`` without triton (see :func:`require_triton`).
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}.")
+    if backend == "torch":
+        return False
+    from celib import kernels
+
+    if backend == "auto":
+        return bool(input.is_cuda and input.dtype in kernels.DTYPES and kernels.available())
+    require_triton()
+    if input.dtype not in kernels.DTYPES:
+        raise InputError(f"the Triton kernel takes float16, bfloat16 or float32 logits, got {input.dtype}; "
+                         f"use backend='torch' for {input.dtype}.")
+    return True
