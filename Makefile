@@ -38,8 +38,8 @@ $(OLDEST)/.installed: $(STAMP) Makefile
 
 oldest-triton: $(OLDEST)/.installed
 	PYTHONPATH=$(OLDEST) $(BIN)/python -c "import triton, numpy; assert triton.__version__ == '$(OLDEST_TRITON)', triton.__file__; print('triton', triton.__version__, 'numpy', numpy.__version__)"
-	PYTHONPATH=$(OLDEST) $(BIN)/python -m pytest tests/test_kernels.py tests/test_upstream.py tests/test_gpu_compile.py \
-	  tests/test_benchmarks.py -q -W "ignore:Conversion of an array with ndim:DeprecationWarning"
+	PYTHONPATH=$(OLDEST) $(BIN)/python -m pytest tests/test_kernels.py tests/test_upstream.py tests/test_tools_meter.py \
+	  tests/test_tools_resources.py tests/test_benchmarks.py -q -W "ignore:Conversion of an array with ndim:DeprecationWarning"
 
 nbval: $(STAMP)
 	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with .nbval-sanitize.cfg chapters using_celib.ipynb -q

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from celib import validate
+from celib import _reduction, validate
 from celib.errors import InputError
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
@@ -82,22 +82,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         lse = m + total.log()
         loss = (1 - smoothing) * (lse - z_t) + smoothing * (lse - z_sum / num_classes) + z_loss * lse.square()
         loss = torch.where(kept, loss, torch.zeros_like(loss))
-        count = kept.sum()
-        ctx.save_for_backward(local_logits, lse, local_t, owned, kept, count)
+        den = _reduction.kept_weight(target, None, ignore_index, z.dtype).sum()
+        ctx.save_for_backward(local_logits, lse, local_t, owned, kept, den)
         ctx.options = (reduction, smoothing, z_loss, num_classes)
-        if reduction == "none":
-            return loss.to(local_logits.dtype)
-        if reduction == "sum":
-            return loss.sum().to(local_logits.dtype)
-        return (loss.sum() / count).to(local_logits.dtype)  # all ignored: 0 / 0 = nan, as PyTorch
+        return _reduction.reduce(loss, reduction, den).to(local_logits.dtype)  # all ignored: nan, as PyTorch
 
     @staticmethod
     def backward(ctx, grad_out):
-        local_logits, lse, local_t, owned, kept, count = ctx.saved_tensors
+        local_logits, lse, local_t, owned, kept, den = ctx.saved_tensors
         reduction, smoothing, z_loss, num_classes = ctx.options
         scale = grad_out.to(lse.dtype).expand(lse.shape)
         if reduction == "mean":
-            scale = scale / count.clamp_min(1)
+            scale = scale * _reduction.grad_scale(den)
         scale = scale * kept
         coef = 1.0 + 2 * z_loss * lse  # the target mass sums to 1 over the whole vocabulary
         p = torch.exp(local_logits.to(lse.dtype) - lse[:, None])
@@ -162,14 +158,14 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         kept = target != ignore_index
         owned = kept & (target >= offset) & (target < offset + local)
         local_t = torch.where(owned, target - offset, torch.zeros_like(target))
-        count = kept.sum()
+        den = _reduction.kept_weight(target, None, ignore_index, acc).sum()
         lse = torch.empty(n, dtype=acc, device=x.device)
         losses = torch.empty(n, dtype=acc, device=x.device)
         need = ctx.needs_input_grad[:3]
         now = reduction != "none" and any(need)  # the upstream gradient is a scalar: form the gradients now
         scale = torch.ones((), dtype=acc, device=x.device)
         if reduction == "mean":
-            scale = 1 / count.clamp_min(1).to(acc)
+            scale = _reduction.grad_scale(den)
         gx = torch.zeros(x.shape, dtype=acc, device=x.device) if now and need[0] else None
         gw = _WeightGrad(w, acc) if now and need[1] else None
         gb = torch.zeros(local, dtype=acc, device=x.device) if now and need[2] else None
@@ -191,10 +187,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(x, w, b, target, lse, local_t, owned, kept, scale)
         ctx.grads = (gx, gw, gb) if now else None
         ctx.options = (reduction, smoothing, z_loss, num_classes, rows, group)
-        if reduction == "none":
-            return losses.to(x.dtype)
-        total_loss = losses.sum()
-        return (total_loss if reduction == "sum" else total_loss / count).to(x.dtype)  # all ignored: nan mean
+        return _reduction.reduce(losses, reduction, den).to(x.dtype)  # all ignored: nan mean
 
     @staticmethod
     def backward(ctx, grad_out):

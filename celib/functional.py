@@ -11,16 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from celib import _backend, kernels, validate
+from celib import _backend, _reduction, kernels, validate
 from celib.errors import InputError
-
-def _positions_weight(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
-    """Per-position weight of an index target: ``weight[target]``, 0 where ignored."""
-    kept = target != ignore_index
-    safe = torch.where(kept, target, torch.zeros_like(target))
-    w = torch.ones_like(safe, dtype=dtype) if weight is None else weight.to(dtype)[safe]
-    return w * kept
-
 
 def cross_entropy(
     input: torch.Tensor,
@@ -163,16 +155,11 @@ def _z_term(
     """``z_loss * lse**2`` over kept positions, reduced like the cross-entropy it is added to."""
     if validate.is_index_target(target):
         kept = (target != ignore_index).to(lse.dtype)
-        denominator = _positions_weight(target, weight, ignore_index, lse.dtype).sum()
+        denominator = _reduction.kept_weight(target, weight, ignore_index, lse.dtype).sum()
     else:
         kept = torch.ones_like(lse)
         denominator = torch.tensor(float(lse.numel()), dtype=lse.dtype, device=lse.device)
-    term = z_loss * lse.square() * kept
-    if reduction == "none":
-        return term
-    if reduction == "sum":
-        return term.sum()
-    return term.sum() / denominator
+    return _reduction.reduce(z_loss * lse.square() * kept, reduction, denominator)
 
 
 def nll_loss(
@@ -356,11 +343,7 @@ def sigmoid_focal_loss(
     loss = ce * torch.exp(gamma * log_1m_pt) if gamma else ce
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    return _reduction.reduce(loss, reduction, torch.tensor(float(loss.numel()), dtype=loss.dtype, device=loss.device))
 
 
 def focal_loss(
@@ -404,15 +387,11 @@ def focal_loss(
     kept = target != ignore_index
     safe = torch.where(kept, target, torch.zeros_like(target))
     logp_t = F.log_softmax(input, dim=class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
-    w_t = _positions_weight(target, weight, ignore_index, input.dtype)
+    w_t = _reduction.kept_weight(target, weight, ignore_index, input.dtype)
     loss = -w_t * logp_t
     if gamma:
         # 1 - p_t, computed without cancellation; clamped so (1 - p_t)**gamma stays differentiable at p_t = 1.
         one_minus_p = (-torch.expm1(logp_t)).clamp_min(torch.finfo(input.dtype).tiny)
         loss = loss * one_minus_p**gamma
     loss = torch.where(kept, loss, torch.zeros_like(loss))
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / w_t.sum()
+    return _reduction.reduce(loss, reduction, w_t.sum())

@@ -23,7 +23,7 @@ import contextlib
 
 import torch
 
-from celib import _backend, validate
+from celib import _backend, _reduction, validate
 from celib.errors import InputError
 
 #: The GPU the CUDA rule is derived for, an H100 SXM: dense tensor-core throughput (FLOP/s) per input
@@ -176,7 +176,7 @@ class _Chunk:
         kept = (t != self.ignore_index).to(z.dtype)  # as a float: bool * float would give float32
         safe = torch.where(t != self.ignore_index, t, torch.zeros_like(t))
         a = self.smoothing
-        w_t = kept if self.weight is None else self.weight[safe] * kept
+        w_t = _reduction.kept_weight(t, self.weight, self.ignore_index, z.dtype)
         sum_w = float(c) if self.weight is None else self.weight.sum()
         capped = z.clone() if want_grad and self.softcap is not None else None
         # Shift by the row max in place (no temporary the size of z), then exponentiate in place.
@@ -218,12 +218,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         n = x.shape[0]
         acc = _accumulation_dtype(x)
         chunk = _Chunk(None if weight is None else weight.to(acc), ignore_index, smoothing, z_loss, softcap)
-        kept = t != ignore_index
         if reduction == "mean":
-            w_t = kept.to(acc) if weight is None else weight.to(acc)[torch.where(kept, t, 0)] * kept
-            den = w_t.sum()
-            # all ignored: nan loss, zero gradient (den != 0, not > 0: negative class weights are allowed)
-            scale_all = torch.where(den != 0, 1 / den, torch.zeros_like(den))
+            den = _reduction.kept_weight(t, weight, ignore_index, acc).sum()
+            scale_all = _reduction.grad_scale(den)  # all ignored: nan loss, zero gradient
         else:
             den = None
             scale_all = torch.ones((), dtype=acc, device=x.device)
@@ -245,13 +242,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.grads = (gx, gw, gb) if grads_now else None
         ctx.scale_all = scale_all
         ctx.options = (ignore_index, reduction, smoothing, z_loss, softcap, rows, backend)
-        if reduction == "none":
-            out = losses
-        elif reduction == "sum":
-            out = losses.sum()
-        else:
-            out = losses.sum() / den
-        return out.to(out_dtype or x.dtype)
+        return _reduction.reduce(losses, reduction, den).to(out_dtype or x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -372,19 +363,8 @@ _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
 def _compiled(x, w, b, t, weight, ignore_index, reduction, smoothing, z_loss, softcap, rows, backend, out_dtype):
     """The loss under torch.compile: the per-row op, then the reduction in PyTorch operations."""
     losses = _rows_op(x, w, b, t, weight, ignore_index, smoothing, z_loss, softcap, rows, backend)
-    if reduction == "none":
-        out = losses
-    elif reduction == "sum":
-        out = losses.sum()
-    else:
-        kept = t != ignore_index
-        safe = torch.where(kept, t, 0).clamp(0, w.shape[0] - 1)  # unchecked under compile: stay in bounds
-        w_t = kept.to(losses.dtype) if weight is None else weight.to(losses.dtype)[safe] * kept
-        den = w_t.sum()
-        nonzero = torch.where(den != 0, den, torch.ones_like(den))
-        # all ignored: a nan loss and, as in eager, a zero gradient
-        out = torch.where(den != 0, losses.sum() / nonzero, torch.full_like(den, float("nan")))
-    return out.to(out_dtype or x.dtype)
+    den = _reduction.kept_weight(t, weight, ignore_index, losses.dtype).sum() if reduction == "mean" else None
+    return _reduction.reduce(losses, reduction, den).to(out_dtype or x.dtype)
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:

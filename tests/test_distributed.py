@@ -27,29 +27,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, errors) -> None:
-    """Runs every scenario in one process group (one spawn per world size keeps the suite fast)."""
+def _worker(rank: int, world: int, port: int, names: list[str], errors) -> None:
+    """Runs the named scenarios in one process group (one spawn per world size keeps the suite fast)."""
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     except BaseException:  # noqa: BLE001 - report to the parent, which fails the test
-        errors.put(f"rank {rank}, set-up: {traceback.format_exc()}")
+        errors.put(("set-up", f"rank {rank}, set-up: {traceback.format_exc()}"))
         return
     try:
-        for name, scenario in SCENARIOS.items():
+        for name in names:
             try:
-                scenario(rank, world)
+                SCENARIOS[name](rank, world)
             except BaseException:  # noqa: BLE001 - the scenarios are written so that every rank fails alike
-                errors.put(f"rank {rank}, {name}: {traceback.format_exc()}")
+                errors.put((name, f"rank {rank}, {name}: {traceback.format_exc()}"))
             dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _run(world: int) -> None:
+def _run(world: int, names: list[str]) -> dict[str, str]:
+    """Run ``names`` on ``world`` gloo processes; the failures of each scenario ("" if none), and of
+    the run itself under "set-up" (a rank that could not join, hung, or exited badly)."""
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, errors))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, names, errors))
              for port in [_free_port()] for r in range(world)]
     for p in procs:
         p.start()
@@ -59,12 +61,15 @@ def _run(world: int) -> None:
     for p in procs:
         if p.is_alive():
             p.kill()
-    found = []
+    found = {name: "" for name in ["set-up", *names]}
     while not errors.empty():
-        found.append(errors.get())
-    assert not hung, f"ranks {hung} did not finish within {TIMEOUT} s"
-    assert not found, "\n".join(found)
-    assert all(p.exitcode == 0 for p in procs)
+        name, text = errors.get()
+        found[name] += text + "\n"
+    if hung:
+        found["set-up"] += f"ranks {hung} did not finish within {TIMEOUT} s\n"
+    if not all(p.exitcode == 0 for p in procs):
+        found["set-up"] += f"exit codes {[p.exitcode for p in procs]}\n"
+    return found
 
 
 # ------------------------------------------------------------------------------------------- scenarios
@@ -265,10 +270,28 @@ def scenario_linear_communication_volume(rank: int, world: int) -> None:
 SCENARIOS = {name.removeprefix("scenario_"): fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_cross_entropy(world):
-    """Every scenario above, on 2 and on 3 gloo processes."""
+WORLDS = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request) -> dict[int, dict[str, str]]:
+    """Each world size spawned once, running the scenarios this session selected (``-k`` picks them)."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
+    chosen = {(item.callspec.params["world"], item.callspec.params["scenario"]) for item in request.session.items
+              if getattr(item, "originalname", "") == "test_vocab_parallel" and hasattr(item, "callspec")}
+    return {world: _run(world, [n for n in SCENARIOS if (world, n) in chosen])
+            for world in WORLDS if any(w == world for w, _ in chosen)}
+
+
+def test_every_scenario_is_collected():
     assert len(SCENARIOS) == 9
-    _run(world)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel(outcomes, world, scenario):
+    """One scenario above, on ``world`` gloo processes."""
+    result = outcomes[world]
+    assert result["set-up"] == "", result["set-up"]
+    assert result[scenario] == "", result[scenario]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import celib
-from celib import InputError
+from celib import InputError, kernels
 from tests.cases import CECase, cross_entropy_cases
 
 CASES = cross_entropy_cases()
@@ -317,3 +317,18 @@ def test_cross_entropy_module_has_every_option_of_the_function():
     loss, lse = celib.nn.CrossEntropyLoss(loss_dtype=torch.float32, return_lse=True)(x, t)
     assert loss.dtype == torch.float32 and torch.equal(loss, celib.cross_entropy(x, t, loss_dtype=torch.float32))
     assert lse.shape == (4,)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if kernels.available() else []))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_loss_dtype_computes_in_float32_on_every_backend(backend, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(8, 1000) * 4).to(dtype)
+    t = torch.randint(0, 1000, (8,))
+    exact = F.cross_entropy(x.double(), t)
+    loss = celib.cross_entropy(x, t, backend=backend, loss_dtype=torch.float32)
+    assert loss.dtype == torch.float32
+    assert abs(loss.double() - exact) < 1e-6 * abs(exact)  # float32 accuracy, not the half dtype's
+    a = x.clone().requires_grad_(True)
+    celib.cross_entropy(a, t, backend=backend, loss_dtype=torch.float32).backward()
+    assert a.grad.dtype == dtype

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import celib
 from celib import kernels
-from tests.test_compile import _inductor_works
+from tests.test_kernels_torch_compile import _inductor_works
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

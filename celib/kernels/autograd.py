@@ -21,33 +21,20 @@ from __future__ import annotations
 
 import torch
 
-from celib import validate
+from celib import _reduction, validate
 from celib.kernels import launch as L
-
-
-def _reduce(loss_rows: torch.Tensor, denominator: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return loss_rows
-    if reduction == "sum":
-        return loss_rows.sum()
-    return loss_rows.sum() / denominator
 
 
 def _denominator(x3, t, weight, ignore_index, reduction) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The mean's denominator (on the device; no host sync) and the gradient scale 1/denominator (or 1)."""
     n, c, s = x3.shape
-    one = torch.ones((), dtype=torch.float32, device=x3.device)
     if reduction != "mean":
-        return None, one
+        return None, torch.ones((), dtype=torch.float32, device=x3.device)
     if t.is_floating_point():
         denominator = torch.tensor(float(n * s), dtype=torch.float32, device=x3.device)
     else:
-        kept = t != ignore_index
-        if weight is None:
-            denominator = kept.sum(dtype=torch.float32)
-        else:  # clamp: a wrong target (check_inputs=False) must not index out of bounds here either
-            denominator = (weight.float()[t.clamp(0, c - 1).long()] * kept).sum()
-    return denominator, one / denominator
+        denominator = _reduction.kept_weight(t, weight, ignore_index, torch.float32).sum()
+    return denominator, _reduction.grad_scale(denominator)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -64,7 +51,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         out = L.forward(x.detach(), t, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale,
                         compute_grad, grad_out=x.detach() if in_place else None, max_block=max_block)
         batch_shape = validate.index_target_shape(logits)
-        loss = _reduce(out.loss, denominator, reduction)
+        loss = _reduction.reduce(out.loss, reduction, denominator)
         loss = loss.view(batch_shape) if reduction == "none" else loss
         lse = out.lse.view(batch_shape)
         ctx.mark_non_differentiable(lse)
@@ -107,7 +94,7 @@ def cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, weight: torch.T
     denominator, grad_scale = _denominator(logits, t, weight, ignore_index, reduction)
     out = L.forward(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, False,
                     max_block=max_block)
-    return _reduce(out.loss, denominator, reduction), out.lse, out.stats, grad_scale
+    return _reduction.reduce(out.loss, reduction, denominator), out.lse, out.stats, grad_scale
 
 
 @cross_entropy_op.register_fake

@@ -23,7 +23,7 @@ __all__ = ["MAX_BLOCK", "MAX_BLOCK_HEAVY", "Forward", "Launch", "Tuning", "as_ro
 #: Largest block of logits one program holds; longer rows are streamed in blocks of this size.
 #: Rows up to this length are read once (forward + backward), longer ones twice. Every launch up to it
 #: compiles without spilling for sm_80, sm_90a and sm_100a (the table of
-#: ``python -m celib.kernels.tools.resources``, checked by ``tests/test_gpu_compile.py``); see
+#: ``python -m celib.kernels.tools.resources``, checked by ``tests/test_tools_resources.py``); see
 #: ``max_block_for`` for the options that need more. Provisional: see :class:`Tuning`.
 MAX_BLOCK = 16384
 #: The largest one-block row when probability targets or soft-capping are on (more values live per logit).

@@ -1,0 +1,60 @@
+"""celib/_reduction.py, and its one convention on every path: nothing kept gives a nan mean and zero gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import celib
+from celib import _reduction, kernels
+from tests.cases import fused
+
+
+def test_kept_weight_denominator_and_reduce():
+    t = torch.tensor([0, 2, -100, 1, 7])  # 7: out of range, as an unchecked call may pass
+    w = torch.tensor([0.5, -1.0, 2.0])  # negative weights are allowed, as in PyTorch
+    kept = _reduction.kept_weight(t, w, -100, torch.float64)
+    assert kept.tolist() == [0.5, 2.0, 0.0, -1.0, 2.0]  # 7 reads the clamped class 2, never out of bounds
+    assert _reduction.kept_weight(t, None, -100, torch.float32).tolist() == [1, 1, 0, 1, 1]
+    rows = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    assert _reduction.reduce(rows, "none") is rows
+    assert _reduction.reduce(rows, "sum").item() == 6.0
+    assert _reduction.reduce(rows, "mean", torch.tensor(4.0)).item() == 1.5
+    assert _reduction.grad_scale(torch.tensor(4.0)).item() == 0.25
+    assert _reduction.grad_scale(torch.tensor(0.0)).item() == 0.0
+    nan = _reduction.reduce(rows, "mean", torch.tensor(0.0))
+    nan.backward()
+    assert torch.isnan(nan) and torch.equal(rows.grad, torch.zeros(3))  # nan, with a zero gradient
+
+
+def _kernel_paths():
+    paths = {
+        "cross_entropy, torch": lambda x, t: celib.cross_entropy(x, t, backend="torch"),
+        "cross_entropy, torch, z-loss": lambda x, t: celib.cross_entropy(x, t, backend="torch", z_loss=1e-3),
+        "focal_loss": lambda x, t: celib.focal_loss(x, t, torch.rand(x.shape[1]) + 0.5),
+        "nll_loss": lambda x, t: celib.nll_loss(torch.log_softmax(x, 1), t),
+        "linear_cross_entropy, torch": lambda x, t: celib.linear_cross_entropy(
+            x, torch.eye(x.shape[1]), t, chunk_size=2, backend="torch"),
+    }
+    if kernels.available():
+        paths.update({
+            "cross_entropy, kernel, one block": lambda x, t: fused(x, t),
+            "cross_entropy, kernel, streamed": lambda x, t: fused(x, t, max_block=4),
+            "cross_entropy, kernel, class weights": lambda x, t: fused(x, t, weight=torch.rand(x.shape[1])),
+            "linear_cross_entropy, kernel": lambda x, t: celib.linear_cross_entropy(
+                x, torch.eye(x.shape[1]), t, chunk_size=2, backend="triton"),
+        })
+    return paths
+
+
+@pytest.mark.parametrize("path", list(_kernel_paths()))
+@pytest.mark.parametrize("rows", [5, 0], ids=["all ignored", "empty batch"])
+def test_nothing_kept_gives_a_nan_mean_and_zero_gradients_on_every_path(path, rows):
+    x = torch.randn(rows, 10, requires_grad=True)
+    t = torch.full((rows,), -100)
+    loss = _kernel_paths()[path](x, t)
+    loss.backward()
+    assert torch.isnan(loss), path
+    assert torch.equal(x.grad, torch.zeros_like(x)), path
+    theirs = torch.nn.functional.cross_entropy(x.detach(), t)  # PyTorch's convention
+    assert torch.isnan(theirs)
