@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from celib import _reduction, validate
 from celib.errors import InputError
+from celib.linear import _accumulate_param_grads, _accumulation_dtype, _WeightGrad, chunk_rows
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -151,8 +152,6 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, target, offset, num_classes, ignore_index, reduction, smoothing, z_loss, rows, group):
-        from celib.linear import _WeightGrad, _accumulation_dtype
-
         acc = _accumulation_dtype(x)
         n, local = x.shape[0], w.shape[0]
         kept = target != ignore_index
@@ -183,7 +182,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             losses[sl] = torch.where(kept[sl], loss + z_loss * lse[sl].square(), 0.0)
             if now:
                 g = _shard_grad(z, lse[sl], local_t[sl], owned[sl], kept[sl] * scale, smoothing, z_loss, num_classes)
-                _fold_shard(g, x[sl], w, gx, gw, gb, sl)
+                _accumulate_param_grads(g, x[sl], w, gx, gw, gb, sl)
         ctx.save_for_backward(x, w, b, target, lse, local_t, owned, kept, scale)
         ctx.grads = (gx, gw, gb) if now else None
         ctx.options = (reduction, smoothing, z_loss, num_classes, rows, group)
@@ -203,8 +202,6 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             gw = None if gw is None else gw.result(up)
             gb = None if gb is None else gb.mul_(up)
         else:  # reduction="none", or a second backward: recompute each chunk, with the saved lse
-            from celib.linear import _WeightGrad
-
             per_row = grad_out.to(acc).expand(x.shape[0]) * kept * (scale if reduction != "none" else 1)
             gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
             gw = _WeightGrad(w, acc) if need_w else None
@@ -213,7 +210,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 sl = slice(start, start + rows)
                 z = _shard_logits(x[sl], w, b, acc)
                 g = _shard_grad(z, lse[sl], local_t[sl], owned[sl], per_row[sl], smoothing, z_loss, num_classes)
-                _fold_shard(g, x[sl], w, gx, gw, gb, sl)
+                _accumulate_param_grads(g, x[sl], w, gx, gw, gb, sl)
             gw = None if gw is None else gw.result()
         if gx is not None:  # every rank holds a part of dX = sum over shards of G_r W_r: N x H numbers
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=group)
@@ -237,16 +234,6 @@ def _shard_grad(z, lse, local_t, owned, scale, smoothing, z_loss, num_classes):
         rows = torch.arange(len(lse), device=z.device)
         g[rows, local_t] -= torch.where(owned, (1 - smoothing) * scale, torch.zeros_like(scale))
     return g
-
-
-def _fold_shard(g, xs, w, gx, gw, gb, sl):
-    gh = g.to(w.dtype)
-    if gx is not None:
-        gx[sl] = torch.mm(gh, w).to(gx.dtype)
-    if gw is not None:
-        gw.add(g, gh, xs)
-    if gb is not None:
-        gb += g.sum(0)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -293,8 +280,6 @@ def vocab_parallel_linear_cross_entropy(
         InputError: on every rank alike (each checks the same gathered sizes, shapes and targets):
             a target outside [0, V), shapes that do not fit, bad options.
     """
-    from celib.linear import chunk_rows
-
     validate.check_floating("input", input)
     validate.check_floating("weight_shard", weight_shard)
     if input.dim() != 2 or weight_shard.dim() != 2:

@@ -237,7 +237,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             loss, _ = _chunk_loss_and_grad(chunk, z, ts, scale_all, None, grads_now, backend)
             losses[start : start + rows] = loss
             if grads_now:
-                _fold(z, xs, w, gx, gw, gb, start)
+                _accumulate_param_grads(z, xs, w, gx, gw, gb, slice(start, start + len(xs)))
         ctx.save_for_backward(x, w, b, t, weight)
         ctx.grads = (gx, gw, gb) if grads_now else None
         ctx.scale_all = scale_all
@@ -280,7 +280,7 @@ def _recompute(x, w, b, t, weight, options, upstream, need_x, need_w, need_b):
         xs, ts = x[start : start + rows], t[start : start + rows]
         z = chunk.logits(xs, w, b, buffers, raw=backend == "triton")
         _chunk_loss_and_grad(chunk, z, ts, one, upstream[start : start + rows], True, backend)
-        _fold(z, xs, w, gx, gw, gb, start)
+        _accumulate_param_grads(z, xs, w, gx, gw, gb, slice(start, start + len(xs)))
     return gx, None if gw is None else gw.result(), None if gb is None else gb.to(w.dtype)
 
 
@@ -465,12 +465,15 @@ class _WeightGrad:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _fold(g, xs, w, gx, gw, gb, start):
-    """Fold one chunk's logit gradient g (n, V) into the gradients of input, weight and bias,
-    accumulating in place (``addmm_``): no (V, H) temporary in any dtype."""
+def _accumulate_param_grads(g, xs, w, gx, gw, gb, rows: slice) -> None:
+    """Fold one chunk's logit gradient g (n, V) into the gradients of the input (its ``rows``), the weight
+    (a :class:`_WeightGrad`) and the bias, accumulating in place: no (V, H) temporary in any dtype."""
     gh = g.to(w.dtype)
     if gx is not None:
-        torch.mm(gh, w, out=gx[start : start + len(xs)])
+        if gx.dtype == gh.dtype:
+            torch.mm(gh, w, out=gx[rows])
+        else:  # a float32 accumulator (the vocabulary-parallel input gradient, all-reduced later)
+            gx[rows] = torch.mm(gh, w).to(gx.dtype)
     if gw is not None:
         gw.add(g, gh, xs)
     if gb is not None:
