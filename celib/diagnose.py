@@ -80,15 +80,15 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
         bad = int((torch.isnan(input) | (input == float("inf"))).sum())
         findings.append(Finding(
             "non-finite-input",
-            f"input holds {bad} NaN or +Inf value(s): the loss of their positions is NaN, so is a mean or sum "
-            "over the batch, and so is the gradient of every parameter those values depend on.",
+            f"input holds {bad} NaN or +Inf value(s): the gradient of the logits at their positions is NaN, "
+            "ignored positions included, and so is that of every parameter those values depend on; at a kept "
+            "position the loss is NaN too, and so is a mean or sum over the batch.",
             "find where they appear (torch.autograd.set_detect_anomaly(True), or check activations layer by layer); "
-            "the usual causes are a learning rate that is too high, log(0) in a hand-written loss, or bad data. "
-            "(-Inf logits are a mask and fine, as long as each position keeps a finite one.)",
+            "the usual causes are a learning rate that is too high, log(0) in a hand-written loss, or bad data.",
         ))
     if input.dim() == 0 or not input.is_floating_point():
         return findings
-    if target.numel() == 0:
+    if target.numel() == 0 and input.numel() == 0:
         findings.append(Finding(
             "empty-batch",
             "the batch has no positions: a mean over it divides 0 by 0 and is NaN.",
@@ -179,15 +179,26 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
             "max(number of kept targets, 1); check that the masking (padding, prompt tokens) is not too wide.",
         ))
         return findings
-    if input.dim() >= 2:
-        masked_rows = int(((input.movedim(class_dim, -1) == float("-inf")).all(dim=-1) & kept).sum())
-        if masked_rows:
-            findings.append(Finding(
-                "all-masked-position",
-                f"{masked_rows} kept position(s) have every logit -Inf: their softmax is 0/0 and their loss NaN.",
-                "give those positions target ignore_index instead of masking every class, or keep at least one "
-                "class unmasked.",
-            ))
+    masked = (input.movedim(class_dim, -1) == float("-inf")).all(dim=-1)
+    if bool(masked.any()):
+        findings.append(Finding(
+            "all-masked-position",
+            f"{int(masked.sum())} position(s) have every logit -Inf ({int((masked & kept).sum())} of them kept): "
+            "softmax there is 0/0, so their logit gradient is NaN, ignored or not, and a kept one's loss too.",
+            "keep a finite logit at every position, ignored ones included: fill a padded position's logits "
+            "with 0 (or mask with a large finite negative number instead of -inf) and give it ignore_index.",
+        ))
+    masked_target = (input.movedim(class_dim, -1).gather(
+        -1, torch.where(kept, target, 0).clamp(0, num_classes - 1).unsqueeze(-1)).squeeze(-1) == float("-inf"))
+    masked_target &= kept & ~masked
+    if bool(masked_target.any()):
+        findings.append(Finding(
+            "masked-target",
+            f"{int(masked_target.sum())} kept position(s) have a -Inf logit at their target class: their loss "
+            "is +Inf (the model is told the right answer is impossible).",
+            "do not mask a class that a target names (check the vocabulary mask and the labels), or give those "
+            "positions ignore_index.",
+        ))
     out_of_range = ((target < 0) | (target >= num_classes)) & kept
     if bool(out_of_range.any()):
         values = sorted({int(v) for v in target[out_of_range].unique()[:5]})

@@ -99,8 +99,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         coef = 1.0 + 2 * z_loss * lse  # the target mass sums to 1 over the whole vocabulary
         p = torch.exp(local_logits.to(lse.dtype) - lse[:, None])
         grad = (coef[:, None] * p - smoothing / num_classes) * scale[:, None]
-        rows = torch.arange(len(lse), device=lse.device)
-        grad[rows, local_t] -= torch.where(owned, (1 - smoothing) * scale, torch.zeros_like(scale))
+        if grad.shape[1]:  # a rank may hold no classes
+            rows = torch.arange(len(lse), device=lse.device)
+            grad[rows, local_t] -= torch.where(owned, (1 - smoothing) * scale, torch.zeros_like(scale))
         return grad.to(local_logits.dtype), None, None, None, None, None, None, None, None
 
 

@@ -81,7 +81,8 @@ def cross_entropy(
         softcap: if set to ``s``, logits become ``s * tanh(logits / s)``
             (Gemma 2's soft-capping) before anything else.
         return_lse: also return the per-position log-sum-exp (float32, the batch
-            shape), as a tuple ``(loss, lse)``.
+            shape, detached: no gradient flows through it on any backend), as a
+            tuple ``(loss, lse)``.
         inplace_backward: Triton kernel only: write the gradient over the
             logits' storage to save memory; the input's values are destroyed.
             The PyTorch path ignores it.
@@ -141,7 +142,7 @@ def cross_entropy(
         loss = loss + _z_term(z_loss, lse, target, weight, ignore_index, reduction).to(loss.dtype)
     if loss_dtype is not None:
         loss = loss.to(loss_dtype)
-    return (loss, lse.float()) if return_lse else loss
+    return (loss, lse.float().detach()) if return_lse else loss
 
 
 def _z_term(

@@ -69,10 +69,9 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
     - CPU: a quarter of the batch, at least 128 and at most 512 rows (``CPU_ROWS``). A CPU's
       matrix products are compute-bound at any of these sizes; what costs is the per-chunk work that
       does not scale with the rows, so chunks should be large, and a quarter of the batch keeps
-      chunking worth its name for small batches (at most a quarter of the logits in memory). Measured
-      forward + backward, float32, N = 4096, V = 32000 (``benchmarks/bench_linear_ce.py``), against the
-      unfused ``F.cross_entropy(x @ W.T)``: on a 2-core AMD EPYC (AVX-512) chunks of 512 rows took
-      0.73x (H = 256) and 0.85x (H = 512), 128 rows 0.85x and 1.06x, 1024-2048 rows within 3 % of 512.
+      chunking worth its name for small batches (at most a quarter of the logits in memory).
+      ``benchmarks/bench_linear_ce.py`` measures the time against the unfused
+      ``F.cross_entropy(x @ W.T)`` at several chunk sizes (the README shows a run).
 
     Either is capped so that a chunk's logits take at most ``memory`` bytes (default
     :data:`celib.linear.CHUNK_MEMORY` for the device: 2 GiB on CUDA, 256 MiB on CPU; see
@@ -434,9 +433,9 @@ class _WeightGrad:
     BLOCKS = 8
 
     def __init__(self, w: torch.Tensor, acc: torch.dtype) -> None:
-        self.shape, self.dtype = w.shape, w.dtype
+        self.shape, self.dtype, self.device = w.shape, w.dtype, w.device
         vocab = w.shape[0]
-        step = vocab if acc == w.dtype else -(-vocab // self.BLOCKS)
+        step = max(1, vocab if acc == w.dtype else -(-vocab // self.BLOCKS))  # a shard may hold no rows
         self.starts = list(range(0, vocab, step))
         self.blocks: list[torch.Tensor | None] = [
             torch.zeros(min(step, vocab - s), w.shape[1], dtype=acc, device=w.device) for s in self.starts]
@@ -452,6 +451,8 @@ class _WeightGrad:
 
     def result(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """The gradient in the weight's dtype, times ``scale`` if given; consumes the accumulator."""
+        if not self.blocks:  # a weight of no rows (a vocabulary shard that holds no class)
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         if len(self.blocks) == 1 and self.blocks[0].dtype == self.dtype:
             out = self.blocks.pop()
             return out if scale is None else out.mul_(scale.to(out.dtype))

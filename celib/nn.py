@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from celib import functional, validate
+from celib.linear import linear_cross_entropy
 
 __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "FocalLoss", "LinearCrossEntropyLoss"]
 
@@ -122,19 +123,19 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None,
-                 chunk_size: int | None = None, backend: str = "auto", check_inputs: bool = True) -> None:
+                 chunk_size: int | None = None, chunk_memory: int | None = None, backend: str = "auto",
+                 check_inputs: bool = True, loss_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap, self.chunk_size = z_loss, softcap, chunk_size
-        self.backend, self.check_inputs = backend, check_inputs
+        self.z_loss, self.softcap, self.chunk_size, self.chunk_memory = z_loss, softcap, chunk_size, chunk_memory
+        self.backend, self.check_inputs, self.loss_dtype = backend, check_inputs, loss_dtype
 
     def forward(self, input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
                 linear_bias: torch.Tensor | None = None) -> torch.Tensor:
-        from celib.linear import linear_cross_entropy
-
         return linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-            softcap=self.softcap, chunk_size=self.chunk_size, backend=self.backend, check_inputs=self.check_inputs,
+            softcap=self.softcap, chunk_size=self.chunk_size, chunk_memory=self.chunk_memory, backend=self.backend,
+            check_inputs=self.check_inputs, loss_dtype=self.loss_dtype,
         )

@@ -68,23 +68,46 @@ def test_non_finite_input():
     assert found[0].code == "non-finite-input" and "2 NaN or +Inf" in found[0].message
 
 
-def test_masked_logits_are_fine_unless_a_whole_kept_position_is_masked():
+def test_masked_logits_are_fine_unless_a_position_is_fully_masked_or_its_target_is():
     x, t = LOGITS.clone(), torch.tensor([0, 1, 2, 3, 4, 0, -100, 2])
     x[:, 4] = float("-inf")  # a masked class (e.g. vocabulary padding) that no target names
     t[4] = 3
     assert codes(x, t) == []
-    x[6] = float("-inf")  # an ignored position may be fully masked
-    assert codes(x, t) == []
-    x[2] = float("-inf")
+    x[6] = float("-inf")  # an ignored position fully masked: its gradient is NaN all the same
     found = celib.diagnose(x, t)
-    assert [f.code for f in found] == ["all-masked-position"] and found[0].message.startswith("1 kept position")
-    loss = celib.cross_entropy(x, t)  # what the finding says: NaN
-    assert torch.isnan(loss)
+    assert [f.code for f in found] == ["all-masked-position"] and "(0 of them kept)" in found[0].message
+    a = x.clone().requires_grad_(True)
+    loss = celib.cross_entropy(a, t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isnan(a.grad[6]).all()  # what the finding says
+    x[6] = 0.0
+    x[2] = float("-inf")  # a kept position fully masked: NaN loss
+    assert "(1 of them kept)" in celib.diagnose(x, t)[0].message
+    assert torch.isnan(celib.cross_entropy(x, t))
+    x[2] = LOGITS[2]
+    t[0] = 4  # a target on the masked class: an infinite loss
+    found = celib.diagnose(x, t)
+    assert [f.code for f in found] == ["masked-target"] and found[0].message.startswith("1 kept position")
+    assert torch.isinf(celib.cross_entropy(x, t))
+    assert codes(torch.full((4,), float("-inf")), torch.tensor(1)) == ["all-masked-position"]  # 1-D input
+
+
+def test_nan_at_an_ignored_position_is_named_by_its_gradient():
+    x, t = LOGITS.clone().requires_grad_(False), TARGET.clone()
+    x[1, 0] = float("nan")
+    t[1] = -100
+    found = celib.diagnose(x, t)
+    assert found[0].code == "non-finite-input" and "ignored positions included" in found[0].message
+    a = x.clone().requires_grad_(True)
+    loss = celib.cross_entropy(a, t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isnan(a.grad[1]).all()
 
 
 def test_empty_and_all_ignored_batches_give_a_nan_mean_and_are_named():
     found = celib.diagnose(torch.randn(0, 5), torch.zeros(0, dtype=torch.long))
     assert [f.code for f in found] == ["empty-batch"]
+    assert codes(torch.randn(4, 5), torch.zeros(0, dtype=torch.long)) == ["target-shape"]  # not empty: a mismatch
     assert torch.isnan(celib.cross_entropy(torch.randn(0, 5), torch.zeros(0, dtype=torch.long)))
     t = torch.full((8,), -100)
     found = celib.diagnose(LOGITS, t)

@@ -223,6 +223,19 @@ def _linear_compare(rank, world, sizes, n=13, h=5, rows=4, seed=4, ignored=(2, 9
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, equal_nan=True, msg=what)
 
 
+def scenario_a_rank_without_classes(rank: int, world: int) -> None:
+    """The last rank holds no class at all (a vocabulary split unevenly): both losses, every reduction."""
+    g = torch.Generator().manual_seed(6)
+    vocab = 21
+    sizes = _shards(world - 1, vocab) + [0]
+    full = torch.randn(7, vocab, generator=g, dtype=torch.float64)
+    target = torch.randint(0, vocab, (7,), generator=g)
+    target[3] = -100
+    for kwargs in (dict(), dict(reduction="none", label_smoothing=0.1), dict(reduction="sum", z_loss=1e-2)):
+        _compare(rank, world, full, target, sizes, 1e-12, **kwargs)
+        _linear_compare(rank, world, sizes, rows=3, **kwargs)
+
+
 def scenario_linear_values_and_gradients(rank: int, world: int) -> None:
     """Uneven shards, a rank with one class, chunks of 1, 4 and all rows, every reduction and option."""
     for sizes in (_shards(world, 29), [29 - world + 1] + [1] * (world - 1)):
@@ -285,7 +298,7 @@ def outcomes(request) -> dict[int, dict[str, str]]:
 
 
 def test_every_scenario_is_collected():
-    assert len(SCENARIOS) == 9
+    assert len(SCENARIOS) == 10
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

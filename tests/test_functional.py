@@ -332,3 +332,13 @@ def test_float32_loss_dtype_computes_in_float32_on_every_backend(backend, dtype)
     a = x.clone().requires_grad_(True)
     celib.cross_entropy(a, t, backend=backend, loss_dtype=torch.float32).backward()
     assert a.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if kernels.available() else []))
+def test_return_lse_is_detached_on_every_backend(backend):
+    """No gradient flows through the returned lse, whatever the backend (use z_loss for a loss on it)."""
+    x = torch.randn(4, 7, requires_grad=True)
+    t = torch.tensor([0, 3, 6, 1])
+    loss, lse = celib.cross_entropy(x, t, backend=backend, return_lse=True)
+    assert not lse.requires_grad and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, torch.logsumexp(x.detach(), 1))

@@ -78,3 +78,20 @@ def test_inplace_backward_refused_under_compile():
                              backend="eager")
     with pytest.raises(Exception, match="inplace_backward"):
         compiled(torch.randn(3, 5, requires_grad=True), torch.tensor([0, 1, 2]))
+
+
+def test_compiled_lse_is_detached_as_in_eager():
+    """Under torch.compile the lse comes from the custom op, whose backward has no lse term: it is returned
+    detached, as eagerly, instead of claiming a gradient that backward would drop."""
+    if not kernels.available():
+        pytest.skip("triton is not installed")
+    x, t = torch.randn(4, 9), torch.tensor([0, 8, 3, 1])
+
+    def f(a):
+        loss, lse = celib.cross_entropy(a, t, backend="triton", return_lse=True)
+        return loss, lse
+
+    a = x.clone().requires_grad_(True)
+    loss, lse = torch.compile(f, fullgraph=True, backend="aot_eager")(a)
+    assert not lse.requires_grad
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1))

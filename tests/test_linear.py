@@ -283,3 +283,17 @@ def test_module_matches_functional():
     torch.testing.assert_close(module(x, w, t, linear_bias=b),
                                celib.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1), rtol=1e-12,
                                atol=0)
+
+
+def test_module_has_every_option_of_the_function():
+    import inspect
+
+    options = set(inspect.signature(celib.linear_cross_entropy).parameters)
+    options -= {"input", "linear_weight", "target", "linear_bias"}
+    assert options == set(inspect.signature(celib.nn.LinearCrossEntropyLoss).parameters)
+    x, w, b, t = _inputs()
+    module = celib.nn.LinearCrossEntropyLoss(chunk_memory=10**6, loss_dtype=torch.float32)
+    loss = module(x.bfloat16(), w.bfloat16(), t)
+    expected = celib.linear_cross_entropy(x.bfloat16(), w.bfloat16(), t, chunk_memory=10**6,
+                                          loss_dtype=torch.float32)
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected)

@@ -52,7 +52,8 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
                    return_lse, inplace_backward, loss_dtype, check_inputs):
     """The kernel's path of :func:`celib.cross_entropy`, whose arguments it takes already checked.
 
-    Rows up to the one-block limit (``launch.tuning().max_block``) are read once, longer rows twice.
+    Rows up to the one-block limit (``launch.block_size``: ``launch.tuning().max_block``, capped lower for
+    probability targets and soft-capping) are read once, longer rows twice.
     With ``check_inputs`` a class index outside [0, C-1] raises :class:`celib.InputError` (one host
     synchronisation); without it the call never synchronises, and such a row's loss and gradient are
     nan (never a finite wrong number, never a read outside the row).
@@ -94,4 +95,4 @@ def _compiled(input, target, weight, ignore_index, reduction, label_smoothing, z
     loss, lse, _, _ = cross_entropy_op(as_rows(input), target, weight, ignore_index, reduction, label_smoothing,
                                        z_loss, softcap, block)
     batch_shape = validate.index_target_shape(input)
-    return (loss.view(batch_shape) if reduction == "none" else loss), lse.view(batch_shape)
+    return (loss.view(batch_shape) if reduction == "none" else loss), lse.view(batch_shape).detach()

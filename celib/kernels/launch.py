@@ -37,7 +37,7 @@ class Tuning:
 
     Attributes:
         max_block: the one-block limit: rows up to it are read once, longer rows are streamed.
-            16384 compiles without spilling, but so does 32768 (101 registers at 16 warps on sm_90a),
+            16384 compiles without spilling, but so does 32768 (chapter 5 prints its resources),
             which would read 32k vocabularies (Llama 2, Mistral) once instead of twice.
         num_warps: warps per program; None for :func:`num_warps`' rule.
         two_sweeps: the design for streamed rows. False, the split design (flash-attention's): the
