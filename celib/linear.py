@@ -26,6 +26,8 @@ import torch
 from celib import _backend, _reduction, validate
 from celib.errors import InputError
 
+__all__ = ["CHUNK_MEMORY", "chunk_rows", "linear_cross_entropy"]
+
 #: The GPU the CUDA rule is derived for, an H100 SXM: dense tensor-core throughput (FLOP/s) per input
 #: dtype, and HBM3 bandwidth (bytes/s). Their ratio is the machine balance, in FLOP per byte.
 GPU_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 495e12, torch.float64: 67e12}
@@ -37,13 +39,13 @@ CHUNK_MEMORY = {"cuda": 2 * 2**30, "cpu": 256 * 2**20}
 CPU_ROWS, CPU_MIN_ROWS = 512, 128
 
 
-def chunk_bytes_per_row(num_classes: int, dtype: torch.dtype) -> int:
+def _chunk_bytes_per_row(num_classes: int, dtype: torch.dtype) -> int:
     """Bytes one row of a chunk takes: its logits in the input's dtype, plus a float32 copy for half inputs."""
     size = torch.finfo(dtype).bits // 8
     return num_classes * (size + (4 if size < 4 else 0))
 
 
-def roofline_rows(dtype: torch.dtype) -> int:
+def _roofline_rows(dtype: torch.dtype) -> int:
     """The fewest rows per chunk for which every matrix product of a chunk is compute-bound on the GPU.
 
     A chunk of n rows makes three products with the (V, H) weight: the logits (n V H multiply-adds,
@@ -64,7 +66,7 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
                memory: int | None = None) -> int:
     """Rows per chunk: ``chunk_size`` if given, else the rule for the device, capped by a memory budget.
 
-    - CUDA: ``roofline_rows`` (every product of a chunk compute-bound on an H100: 1280 rows in
+    - CUDA: ``_roofline_rows`` (every product of a chunk compute-bound on an H100: 1280 rows in
       bf16), so chunking costs no more time than the unfused products.
     - CPU: a quarter of the batch, at least 128 and at most 512 rows (``CPU_ROWS``). A CPU's
       matrix products are compute-bound at any of these sizes; what costs is the per-chunk work that
@@ -75,7 +77,7 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
 
     Either is capped so that a chunk's logits take at most ``memory`` bytes (default
     :data:`celib.linear.CHUNK_MEMORY` for the device: 2 GiB on CUDA, 256 MiB on CPU; see
-    ``chunk_bytes_per_row``), and is at least 1 and at most N.
+    ``_chunk_bytes_per_row``), and is at least 1 and at most N.
     Peak extra memory is then about one chunk, plus the float32 gradient of the weight and the
     gradient of the input.
     """
@@ -85,13 +87,13 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
         return int(chunk_size)
     kind = torch.device(device).type
     if kind == "cuda":
-        rows = roofline_rows(dtype)
+        rows = _roofline_rows(dtype)
     else:  # a quarter of the batch, between 128 and CPU_ROWS rows
         rows = min(CPU_ROWS, max(CPU_MIN_ROWS, -(-num_rows // 4)))
     budget = CHUNK_MEMORY.get(kind, CHUNK_MEMORY["cpu"]) if memory is None else int(memory)
     if budget < 1:
         raise InputError(f"the chunk memory budget must be a positive number of bytes, got {memory}.")
-    rows = min(rows, budget // chunk_bytes_per_row(max(num_classes, 1), dtype))
+    rows = min(rows, budget // _chunk_bytes_per_row(max(num_classes, 1), dtype))
     return max(1, min(max(num_rows, 1), rows))
 
 
@@ -208,7 +210,7 @@ class _Chunk:
         return loss, lse
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
+class _LinearCrossEntropyFunction(torch.autograd.Function):
     """Chunked linear + cross-entropy; gradients formed in forward (mean, sum) or recomputed (none)."""
 
     @staticmethod
@@ -596,5 +598,5 @@ def linear_cross_entropy(
         if torch.compiler.is_compiling():
             loss = _compiled(*args)
         else:
-            loss = LinearCrossEntropyFunction.apply(*args)
+            loss = _LinearCrossEntropyFunction.apply(*args)
     return loss.reshape(target.shape) if reduction == "none" else loss
