@@ -213,13 +213,13 @@ def _sweep_gradient(x_row, q_row, g_row, weight_ptr, m, log_d, coef, target, c_t
 
 @triton.jit
 def _forward_row(
-    row,  # int64: which row (64-bit from here on: row * stride never overflows)
+    row,  # int64, so that row * stride never overflows
     # logits as (N, S, C): batch, inner position, class
     logits_ptr, stride_ln, stride_ls, stride_lc,
     # index targets (N*S,) or probabilities (N, S, C)
     target_ptr, stride_tn, stride_ts, stride_tc,
     weight_ptr,  # (C,) float32 class weights, read only if HAS_WEIGHT
-    # gradient (COMPUTE_GRAD: one block, or TWO_SWEEPS), may alias the logits
+    # gradient (COMPUTE_GRAD: one block or TWO_SWEEPS); may alias logits
     grad_ptr, stride_gn, stride_gs, stride_gc,
     # (N*S,) float32 loss and lse; (3, N*S) float32 m, log d, coef
     loss_ptr, lse_ptr, stats_ptr,
@@ -327,7 +327,7 @@ def forward_kernel(
     # index targets (N*S,) or probabilities (N, S, C)
     target_ptr, stride_tn, stride_ts, stride_tc,
     weight_ptr,  # (C,) float32 class weights, read only if HAS_WEIGHT
-    # gradient (COMPUTE_GRAD: one block, or TWO_SWEEPS), may alias the logits
+    # gradient (COMPUTE_GRAD: one block or TWO_SWEEPS); may alias logits
     grad_ptr, stride_gn, stride_gs, stride_gc,
     # (N*S,) float32 loss and lse; (3, N*S) float32 m, log d, coef
     loss_ptr, lse_ptr, stats_ptr,
