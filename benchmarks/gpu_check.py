@@ -19,8 +19,9 @@ this order (see :func:`plan`), so that a run cut short keeps what matters most:
 
 1. (8192, 128256): celib's split design for long rows against the same-program
    design (``celib.kernels.launch.Tuning.two_sweeps``) on persistent grids of
-   up to four sizes (one, two and four programs per SM, and the default: the
-   rows that fit in half the L2 cache, at least one per SM), and the peers (PyTorch eager, eager on a float32 upcast,
+   up to five sizes (as many rows as fit in half the L2 cache, so that rows and
+   gradient fit in it, even below one program per SM; the default, that but at
+   least one program per SM; one, two and four programs per SM), and the peers (PyTorch eager, eager on a float32 upcast,
    ``torch.compile``, Liger-Kernel).
 2. C = 16384, 32000, 32768: the one-block limit at 16384 and at 32768, each at
    two warp counts (``Tuning.max_block``, ``Tuning.num_warps``).
@@ -270,13 +271,14 @@ def plan(gpu: bool) -> list[tuple[int, int, list[Variant]]]:
     Without a GPU the same plan runs at N = 2 under the interpreter (no time is measured).
     """
     n = 8192 if gpu else 2
-    if gpu:  # one program per SM, two, four, and as many rows as fit in half the L2 (the default)
+    if gpu:
         props = torch.cuda.get_device_properties(0)
         sms, l2_rows = props.multi_processor_count, props.L2_cache_size // 2 // (128256 * 2)
     else:
         sms, l2_rows = 2, 3
     long_rows = [Variant("long rows", "celib, split", _celib, dict(two_sweeps=False))]
-    for programs in sorted({max(sms, l2_rows), sms, 2 * sms, 4 * sms}):  # distinct sizes only
+    # the rows (and their gradient) that fit in L2, even below one program per SM; the default; 1, 2, 4 per SM
+    for programs in sorted({max(1, l2_rows), max(sms, l2_rows), sms, 2 * sms, 4 * sms}):  # distinct sizes
         long_rows.append(Variant("long rows", f"celib, same program, grid {programs}", _celib,
                                  dict(two_sweeps=True, programs=programs)))
     out = [(n, 128256, long_rows + peers(gpu))]
