@@ -27,7 +27,10 @@ gradient depends on the row's length:
   ``celib.kernels.launch.Tuning`` holds both choices, provisional until
   ``benchmarks/gpu_check.py`` has timed them.
 
-Every option is a compile-time flag (``tl.constexpr``): the plain case (index
+Every option is a compile-time flag (``tl.constexpr``), derived from the call
+by the launcher (``celib.kernels.launch``) and passed to the helpers by
+keyword; ``HAS_CLASS_MASS`` (probability targets or smoothing: per-class
+factors w in the loss) is one of them. The plain case (index
 targets, no weights, smoothing, z-loss or soft-capping) carries none of their
 arithmetic. Exponentials are ``exp2((z - m) * log2 e)``: one subtraction (exact
 for z near m), one multiplication and the hardware's ``ex2``, without the
@@ -49,7 +52,8 @@ probability 0 and gradient 0; a term of the loss whose factor is nonzero and
 whose logit is -inf is infinite with the factor's sign (a -inf target, or any
 -inf logit under label smoothing), and a term whose factor is 0 is 0 (where
 PyTorch computes 0 * inf = nan). A row that is entirely -inf is nan, as in
-PyTorch. Ignored rows get loss 0 and gradient 0. A class index outside
+PyTorch. Ignored rows get loss 0 and gradient 0 (nan if every logit of the
+row is -inf, as in PyTorch). A class index outside
 [0, C-1] (only possible with ``check_inputs=False``) is never read through: its
 row's loss and gradient are nan, never a finite wrong number.
 """
@@ -81,7 +85,7 @@ def _softcap(z, softcap):
 @triton.jit
 def _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing, softcap,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, HAS_CLASS_MASS: tl.constexpr, BLOCK: tl.constexpr):
     """One block of a row: logits z in float32 (-inf past the row's end) and the per-class factors
     w that multiply (lse - z) in the loss, without the target's own term: the class weights times the
     smoothed probability target, or times a/C under label smoothing (0 past the end; 0 everywhere
@@ -90,7 +94,7 @@ def _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_co
     if HAS_SOFTCAP:
         z = tl.where(mask, _softcap(z, softcap), -float("inf"))
     w = tl.zeros([BLOCK], tl.float32)
-    if PROB_TARGET or HAS_SMOOTHING:
+    if HAS_CLASS_MASS:
         w = tl.full([BLOCK], 1.0, tl.float32)
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -147,7 +151,7 @@ def _sums(z, w, m):
 
 @triton.jit
 def _loss(m, log_d, z_t, c_t, sum_w, sum_wz, n_pos, n_neg, z_loss, kept, valid,
-          PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
+          PROB_TARGET: tl.constexpr, HAS_CLASS_MASS: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
     """(loss, coef, lse) of a row from its statistics; sum_wz = sum w (z - m) over finite z."""
     lse = m + log_d
     if PROB_TARGET:
@@ -156,7 +160,7 @@ def _loss(m, log_d, z_t, c_t, sum_w, sum_wz, n_pos, n_neg, z_loss, kept, valid,
     else:
         loss = tl.where(c_t != 0, c_t * ((m - z_t) + log_d), 0.0)  # a zero factor times inf is 0
         coef = c_t
-    if PROB_TARGET or HAS_SMOOTHING:
+    if HAS_CLASS_MASS:
         # sum_c w_c (lse - z_c) = sum(w) log d - sum w (z - m): no large |z| is subtracted from another
         weighted = sum_w * log_d - sum_wz
         inf = float("inf")
@@ -172,12 +176,12 @@ def _loss(m, log_d, z_t, c_t, sum_w, sum_wz, n_pos, n_neg, z_loss, kept, valid,
 
 
 @triton.jit
-def _gradient(e, z, w, offs, mask, k, target, c_t, scale, softcap, HAS_MASS: tl.constexpr,
+def _gradient(e, z, w, offs, mask, k, target, c_t, scale, softcap, HAS_CLASS_MASS: tl.constexpr,
               PROB_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """scale (k e - w - c_t [c = t]), times the soft-cap's derivative, where k e = coef p: k = coef / d with
-    e = exp(z - m), or k = coef with e = p. Without per-class factors (``HAS_MASS`` off) the scale is folded
+    e = exp(z - m), or k = coef with e = p. Without per-class factors (``HAS_CLASS_MASS`` off) the scale is folded
     into the row's two scalars, so each element costs one multiplication and the target's select."""
-    if HAS_MASS:
+    if HAS_CLASS_MASS:
         g = e * k - w
         if not PROB_TARGET:
             g = tl.where(offs == target, g - c_t, g)  # p - 1 formed in float32
@@ -194,7 +198,8 @@ def _gradient(e, z, w, offs, mask, k, target, c_t, scale, softcap, HAS_MASS: tl.
 @triton.jit
 def _sweep_gradient(x_row, q_row, g_row, weight_ptr, m, log_d, coef, target, c_t, scale, stride_lc, stride_tc,
                     stride_gc, n_cols, smoothing, softcap, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CLASS_MASS: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """One sweep over a streamed row: re-reads its logits in blocks and writes scale * dloss/dz from the
     row's statistics (m, log d, coef). The backward kernel's loop, and the forward kernel's second sweep
     with ``TWO_SWEEPS``."""
@@ -204,10 +209,11 @@ def _sweep_gradient(x_row, q_row, g_row, weight_ptr, m, log_d, coef, target, c_t
         offs = start + cols
         mask = offs < n_cols
         z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing,
-                           softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+                           softcap, PROB_TARGET=PROB_TARGET, HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING,
+                           HAS_SOFTCAP=HAS_SOFTCAP, HAS_CLASS_MASS=HAS_CLASS_MASS, BLOCK=BLOCK)
         p = tl.exp2((z - m) * LOG2E - log2_d)  # 0 for a -inf logit
-        g = _gradient(p, z, w, offs, mask, coef, target, c_t, scale, softcap, PROB_TARGET or HAS_SMOOTHING,
-                      PROB_TARGET, HAS_SOFTCAP)
+        g = _gradient(p, z, w, offs, mask, coef, target, c_t, scale, softcap, HAS_CLASS_MASS=HAS_CLASS_MASS,
+                      PROB_TARGET=PROB_TARGET, HAS_SOFTCAP=HAS_SOFTCAP)
         tl.store(g_row + offs * stride_gc, g.to(g_row.dtype.element_ty), mask=mask)
 
 
@@ -228,9 +234,9 @@ def _forward_row(
     # the options, each a compile-time flag
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-    TWO_SWEEPS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_CLASS_MASS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, TWO_SWEEPS: tl.constexpr,
 ):
     x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
     q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
@@ -239,10 +245,9 @@ def _forward_row(
         x_row, target_ptr, weight_ptr, row, stride_tn, stride_lc,
         ignore_index, n_cols, smoothing, softcap,
         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-    # sums over the per-class factors w, only with probability
-    # targets or smoothing: sum w, sum w (z - m) over finite z, and
+    # sums over the per-class factors w (HAS_CLASS_MASS: probability
+    # targets or smoothing): sum w, sum w (z - m) over finite z, and
     # the counts of -inf logits with w > 0 and w < 0 (terms of +-inf)
-    SUMS: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
     sum_w = 0.0
     sum_wz = 0.0
     n_pos = 0.0
@@ -251,14 +256,17 @@ def _forward_row(
         mask = cols < n_cols
         z, w = _load_block(x_row, q_row, weight_ptr, cols, mask,
                            stride_lc, stride_tc, n_cols, smoothing,
-                           softcap, PROB_TARGET, HAS_WEIGHT,
-                           HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+                           softcap, PROB_TARGET=PROB_TARGET,
+                           HAS_WEIGHT=HAS_WEIGHT,
+                           HAS_SMOOTHING=HAS_SMOOTHING,
+                           HAS_SOFTCAP=HAS_SOFTCAP,
+                           HAS_CLASS_MASS=HAS_CLASS_MASS, BLOCK=BLOCK)
         m = tl.max(z, axis=0)
         # no (-inf) - (-inf) in a row of -inf
         m = tl.where(m == -float("inf"), 0.0, m)
         e = tl.exp2((z - m) * LOG2E)  # exp(z - m), kept for the gradient
         d = tl.sum(e, axis=0)
-        if SUMS:
+        if HAS_CLASS_MASS:
             sum_w = tl.sum(w, axis=0)
             sum_wz, n_pos, n_neg = _sums(z, w, m)
     else:
@@ -272,15 +280,19 @@ def _forward_row(
             mask = offs < n_cols
             z, w = _load_block(x_row, q_row, weight_ptr, offs, mask,
                                stride_lc, stride_tc, n_cols, smoothing,
-                               softcap, PROB_TARGET, HAS_WEIGHT,
-                               HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+                               softcap, PROB_TARGET=PROB_TARGET,
+                               HAS_WEIGHT=HAS_WEIGHT,
+                               HAS_SMOOTHING=HAS_SMOOTHING,
+                               HAS_SOFTCAP=HAS_SOFTCAP,
+                               HAS_CLASS_MASS=HAS_CLASS_MASS,
+                               BLOCK=BLOCK)
             block_max = tl.max(z, axis=0)
             m_new = tl.maximum(m, block_max)
             shift = tl.where(m_new == -float("inf"), 0.0, m_new)
             d = d * tl.exp2((m - shift) * LOG2E) + tl.sum(
                 tl.exp2((z - shift) * LOG2E), axis=0)
             m = m_new
-            if SUMS:
+            if HAS_CLASS_MASS:
                 r = tl.where(r == -float("inf"), block_max, r)
                 r0 = tl.where(r == -float("inf"), 0.0, r)
                 b_wz, b_pos, b_neg = _sums(z, w, r0)
@@ -289,12 +301,14 @@ def _forward_row(
                 n_neg += b_neg
                 sum_w += tl.sum(w, axis=0)
         m = tl.where(m == -float("inf"), 0.0, m)
-        if SUMS:  # sum w (z - m) from sum w (z - r)
+        if HAS_CLASS_MASS:  # sum w (z - m) from sum w (z - r)
             sum_wz -= sum_w * (m - tl.where(r == -float("inf"), 0.0, r))
     log_d = tl.log(d)
     loss, coef, lse = _loss(m, log_d, z_t, c_t, sum_w, sum_wz, n_pos,
-                            n_neg, z_loss, kept, valid, PROB_TARGET,
-                            HAS_SMOOTHING, HAS_Z_LOSS)
+                            n_neg, z_loss, kept, valid,
+                            PROB_TARGET=PROB_TARGET,
+                            HAS_CLASS_MASS=HAS_CLASS_MASS,
+                            HAS_Z_LOSS=HAS_Z_LOSS)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
@@ -303,10 +317,12 @@ def _forward_row(
 
     # the gradient, from the block still in registers
     if COMPUTE_GRAD and SINGLE_BLOCK:
-        # an ignored row gets 0, even if all its logits are -inf
+        # scale 0: an ignored row's gradient is 0 (nan if all its
+        # logits are -inf, as in PyTorch)
         scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)
         g = _gradient(e, z, w, cols, mask, coef / d, target, c_t, scale,
-                      softcap, SUMS, PROB_TARGET, HAS_SOFTCAP)
+                      softcap, HAS_CLASS_MASS=HAS_CLASS_MASS,
+                      PROB_TARGET=PROB_TARGET, HAS_SOFTCAP=HAS_SOFTCAP)
         g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
         g_out = g.to(grad_ptr.dtype.element_ty)
         tl.store(g_row + cols * stride_gc, g_out, mask=mask)
@@ -316,8 +332,10 @@ def _forward_row(
         _sweep_gradient(x_row, q_row, g_row, weight_ptr, m, log_d, coef,
                         target, c_t, scale, stride_lc, stride_tc,
                         stride_gc, n_cols, smoothing, softcap,
-                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
-                        HAS_SOFTCAP, BLOCK)
+                        PROB_TARGET=PROB_TARGET, HAS_WEIGHT=HAS_WEIGHT,
+                        HAS_SMOOTHING=HAS_SMOOTHING,
+                        HAS_SOFTCAP=HAS_SOFTCAP,
+                        HAS_CLASS_MASS=HAS_CLASS_MASS, BLOCK=BLOCK)
 
 
 @triton.jit
@@ -336,9 +354,9 @@ def forward_kernel(
     # the options, each a compile-time flag
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-    TWO_SWEEPS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_CLASS_MASS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, TWO_SWEEPS: tl.constexpr,
 ):
     """Loss and row statistics of every row; the gradient at upstream 1 of one-block rows, and, with
     ``TWO_SWEEPS`` (the same-program design for streamed rows), of streamed rows in a second sweep.
@@ -354,7 +372,7 @@ def forward_kernel(
                          loss_ptr, lse_ptr, stats_ptr, grad_scale_ptr,
                          n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
-                         COMPUTE_GRAD, BLOCK, SINGLE_BLOCK, TWO_SWEEPS)
+                         HAS_CLASS_MASS, COMPUTE_GRAD, BLOCK, SINGLE_BLOCK, TWO_SWEEPS)
     else:
         _forward_row(tl.program_id(0).to(tl.int64), logits_ptr, stride_ln, stride_ls, stride_lc,
                      target_ptr, stride_tn, stride_ts, stride_tc, weight_ptr,
@@ -362,7 +380,7 @@ def forward_kernel(
                      loss_ptr, lse_ptr, stats_ptr, grad_scale_ptr,
                      n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
-                     COMPUTE_GRAD, BLOCK, SINGLE_BLOCK, TWO_SWEEPS)
+                     HAS_CLASS_MASS, COMPUTE_GRAD, BLOCK, SINGLE_BLOCK, TWO_SWEEPS)
 
 
 @triton.jit
@@ -376,7 +394,7 @@ def backward_kernel(
     upstream_ptr, stride_un, stride_us,  # the upstream gradient as (N, S); strides 0 for a scalar
     n_rows, n_inner, n_cols, ignore_index, smoothing, softcap,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    SKIP_UNIT_UPSTREAM: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_CLASS_MASS: tl.constexpr, SKIP_UNIT_UPSTREAM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Writes scale * upstream * dloss/dz of a row, re-reading its logits once.
 
@@ -411,8 +429,9 @@ def backward_kernel(
         scale = tl.where(kept, tl.load(grad_scale_ptr) * up, 0.0)
         coef = tl.load(stats_ptr + 2 * n_rows + row)
         _sweep_gradient(x_row, q_row, g_row, weight_ptr, m, log_d, coef, target, c_t, scale, stride_lc, stride_tc,
-                        stride_gc, n_cols, smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
-                        BLOCK)
+                        stride_gc, n_cols, smoothing, softcap, PROB_TARGET=PROB_TARGET, HAS_WEIGHT=HAS_WEIGHT,
+                        HAS_SMOOTHING=HAS_SMOOTHING, HAS_SOFTCAP=HAS_SOFTCAP, HAS_CLASS_MASS=HAS_CLASS_MASS,
+                        BLOCK=BLOCK)
 
 
 @triton.jit

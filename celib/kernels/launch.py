@@ -149,15 +149,6 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], inner)
 
 
-def _target_strides(target: torch.Tensor) -> tuple[int, int, int]:
-    return (target.stride(0), target.stride(2), target.stride(1)) if target.is_floating_point() else (1, 0, 0)
-
-
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """(N, C, S) strides in the kernels' order: n, s, c."""
-    return t.stride(0), t.stride(2), t.stride(1)
-
-
 @dataclass
 class Forward:
     """Results of the forward launch: per-row loss and lse (float32, (N*S,)); per-row statistics for
@@ -179,7 +170,7 @@ class Launch:
 
     kernel: str
     grid: tuple[int, ...]
-    args: tuple
+    args: dict  # the kernel's arguments by name
     constexprs: dict
     num_warps: int
 
@@ -187,12 +178,28 @@ class Launch:
         if self.grid[0]:
             with _mode.quiet(device):
                 fn = getattr(_mode.kernels(), self.kernel)
-                fn[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+                fn[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps)
 
 
 def _flags(target, weight, label_smoothing, softcap) -> dict:
-    return dict(PROB_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None,
-                HAS_SMOOTHING=float(label_smoothing) != 0.0, HAS_SOFTCAP=softcap is not None)
+    """The compile-time flags of the options, for both kernels; HAS_CLASS_MASS: per-class factors in the loss."""
+    prob, smoothing = target.is_floating_point(), float(label_smoothing) != 0.0
+    return dict(PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing,
+                HAS_SOFTCAP=softcap is not None, HAS_CLASS_MASS=prob or smoothing)
+
+
+def _row_args(prefix: str, t: torch.Tensor) -> dict:
+    """A (N, C, S) tensor's pointer and strides as the kernels name them: ``<prefix>_ptr`` and
+    ``stride_<p>n``, ``stride_<p>s``, ``stride_<p>c`` with p the prefix's first letter."""
+    p = prefix[0]
+    return {f"{prefix}_ptr": t, f"stride_{p}n": t.stride(0), f"stride_{p}s": t.stride(2), f"stride_{p}c": t.stride(1)}
+
+
+def _target_args(target: torch.Tensor) -> dict:
+    """Index targets (N*S,) read with a row stride of 1; probabilities (N, C, S) with their strides."""
+    if target.is_floating_point():
+        return _row_args("target", target)
+    return dict(target_ptr=target, stride_tn=1, stride_ts=0, stride_tc=0)
 
 
 def _weight(weight: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
@@ -223,9 +230,10 @@ def plan_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, 
     if compute_grad and (single or two_sweeps):
         grad = grad_out if grad_out is not None else torch.empty((n, c, s), dtype=logits.dtype, device=device)
     g = grad if grad is not None else logits  # never written without the gradient
-    args = (logits, *_strides(logits), target, *_target_strides(target), _weight(weight, loss), g, *_strides(g),
-            loss, lse, stats, grad_scale,
-            rows, s, c, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0))
+    args = dict(**_row_args("logits", logits), **_target_args(target), weight_ptr=_weight(weight, loss),
+                **_row_args("grad", g), loss_ptr=loss, lse_ptr=lse, stats_ptr=stats, grad_scale_ptr=grad_scale,
+                n_rows=rows, n_inner=s, n_cols=c, ignore_index=ignore_index, smoothing=float(label_smoothing),
+                z_loss=float(z_loss), softcap=float(softcap or 1.0))
     flags = dict(_flags(target, weight, label_smoothing, softcap), HAS_Z_LOSS=float(z_loss) != 0.0,
                  COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single, TWO_SWEEPS=two_sweeps)
     grid = _programs(rows, c * logits.element_size(), device) if two_sweeps else rows
@@ -259,9 +267,10 @@ def plan_backward(logits, target, weight, ignore_index, label_smoothing, softcap
     grad = grad_out if grad_out is not None else torch.empty((n, c, s), dtype=logits.dtype, device=logits.device)
     up, stride_un, stride_us = _upstream_strides(upstream, n, s)
     block = block_size(c, max_block, probability_target=target.is_floating_point(), softcap=softcap is not None)
-    args = (logits, *_strides(logits), target, *_target_strides(target), _weight(weight, stats), grad,
-            *_strides(grad), stats, grad_scale, up, stride_un, stride_us,
-            n * s, s, c, ignore_index, float(label_smoothing), float(softcap or 1.0))
+    args = dict(**_row_args("logits", logits), **_target_args(target), weight_ptr=_weight(weight, stats),
+                **_row_args("grad", grad), stats_ptr=stats, grad_scale_ptr=grad_scale, upstream_ptr=up,
+                stride_un=stride_un, stride_us=stride_us, n_rows=n * s, n_inner=s, n_cols=c,
+                ignore_index=ignore_index, smoothing=float(label_smoothing), softcap=float(softcap or 1.0))
     flags = dict(_flags(target, weight, label_smoothing, softcap), SKIP_UNIT_UPSTREAM=skip_unit_upstream,
                  BLOCK=block)
     return Launch("backward_kernel", (n * s,), args, flags, _warps(block)), grad
@@ -290,6 +299,7 @@ def scale_(grad: torch.Tensor, upstream: torch.Tensor, max_block=None) -> torch.
     n, c, s = grad.shape
     up, stride_un, stride_us = _upstream_strides(upstream, n, s)
     block = block_size(c, max_block)
-    Launch("scale_kernel", (n * s,), (grad, *_strides(grad), up, stride_un, stride_us, s, c), dict(BLOCK=block),
-           _warps(block)).run(grad.device)
+    args = dict(**_row_args("grad", grad), upstream_ptr=up, stride_un=stride_un, stride_us=stride_us,
+                n_inner=s, n_cols=c)
+    Launch("scale_kernel", (n * s,), args, dict(BLOCK=block), _warps(block)).run(grad.device)
     return grad

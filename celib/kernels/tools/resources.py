@@ -176,7 +176,7 @@ def _specialise(fn, planned, target):
 
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*planned.args, **planned.constexprs, num_warps=planned.num_warps)
+    bound, specialization, options = binder(**planned.args, **planned.constexprs, num_warps=planned.num_warps)
     _, signature, constexprs, attrs = fn._pack_args(backend, dict(num_warps=planned.num_warps), bound,
                                                     specialization, options)
     return signature, constexprs, attrs
