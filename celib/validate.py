@@ -56,11 +56,11 @@ def check_floating(name: str, tensor: object) -> None:
         )
 
 
-def check_same_shape(input: torch.Tensor, target: torch.Tensor, what: str = "target") -> None:
+def check_same_shape(input: torch.Tensor, target: torch.Tensor) -> None:
     """Raise unless ``target`` has exactly the shape of ``input``."""
     if target.shape != input.shape:
         raise InputError(
-            f"{what} shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}; "
+            f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}; "
             f"they must be equal elementwise (no broadcasting)."
         )
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from celib import _reduction, validate
-from celib.kernels import launch as L
+from celib.kernels import launch
 
 
 def _denominator(x3, t, weight, ignore_index, reduction) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -43,12 +43,12 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                 inplace_backward, max_block):
-        x = L.as_rows(logits)
-        t = L.as_rows(target) if target.is_floating_point() else target.reshape(-1)
+        x = launch.as_rows(logits)
+        t = launch.as_rows(target) if target.is_floating_point() else target.reshape(-1)
         denominator, grad_scale = _denominator(x, t, weight, ignore_index, reduction)
         compute_grad = ctx.needs_input_grad[0]
         in_place = inplace_backward and compute_grad  # write the gradient over the logits' storage
-        out = L.forward(x.detach(), t, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale,
+        out = launch.forward(x.detach(), t, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale,
                         compute_grad, grad_out=x.detach() if in_place else None, max_block=max_block)
         batch_shape = validate.index_target_shape(logits)
         loss = _reduction.reduce(out.loss, reduction, denominator)
@@ -58,7 +58,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if compute_grad:
             ctx.save_for_backward(x, t, weight, out.stats, grad_scale)
             ctx.grad = out.grad  # one-block rows: written already, scaled in place in backward
-            ctx.used = False
+            ctx.backward_done = False
             ctx.options = (ignore_index, label_smoothing, softcap, max_block, in_place, logits.shape)
         return loss, lse
 
@@ -68,17 +68,17 @@ class CrossEntropyFunction(torch.autograd.Function):
         ignore_index, label_smoothing, softcap, max_block, in_place, input_shape = ctx.options
         grad, ctx.grad = ctx.grad, None  # the next backward (retain_graph) finds None and recomputes
         if grad is not None and in_place:  # the logits are gone: rescale what forward wrote over them
-            grad = L.scale_(grad, grad_loss, max_block)
+            grad = launch.scale_(grad, grad_loss, max_block)
         elif grad is not None:  # rows whose upstream is 1 are done; the others are recomputed, rounded once
-            grad = L.backward(x, t, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, grad_loss,
+            grad = launch.backward(x, t, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, grad_loss,
                               grad_out=grad, max_block=max_block, skip_unit_upstream=True)
-        elif in_place and ctx.used:
+        elif in_place and ctx.backward_done:
             raise RuntimeError("celib cross_entropy with inplace_backward=True: the logits were overwritten by "
                                "the gradient, so backward cannot run a second time (retain_graph).")
         else:  # streamed rows, or a second backward through one-block rows
-            grad = L.backward(x, t, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, grad_loss,
+            grad = launch.backward(x, t, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, grad_loss,
                               grad_out=x if in_place else None, max_block=max_block)
-        ctx.used = True
+        ctx.backward_done = True
         return grad.reshape(input_shape), None, None, None, None, None, None, None, None, None
 
 
@@ -92,7 +92,7 @@ def cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, weight: torch.T
     """(loss in float32, per-row lse, per-row statistics, gradient scale) of logits (N, C, S)."""
     t = target if target.is_floating_point() else target.reshape(-1)
     denominator, grad_scale = _denominator(logits, t, weight, ignore_index, reduction)
-    out = L.forward(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, False,
+    out = launch.forward(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, False,
                     max_block=max_block)
     return _reduction.reduce(out.loss, reduction, denominator), out.lse, out.stats, grad_scale
 
@@ -111,7 +111,7 @@ def cross_entropy_backward_op(logits: torch.Tensor, target: torch.Tensor, weight
                               grad_scale: torch.Tensor, upstream: torch.Tensor, max_block: int) -> torch.Tensor:
     """d(sum(loss * upstream)) / d logits, from the backward kernel (a new (N, C, S) tensor)."""
     t = target if target.is_floating_point() else target.reshape(-1)
-    return L.backward(logits, t, weight, ignore_index, label_smoothing, softcap, stats, grad_scale,
+    return launch.backward(logits, t, weight, ignore_index, label_smoothing, softcap, stats, grad_scale,
                       upstream.float(), max_block=max_block)
 
 

@@ -11,6 +11,8 @@ oldest supported one.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from celib.errors import InputError
@@ -30,8 +32,6 @@ def traffic(input: torch.Tensor, target: torch.Tensor, *, backward: bool = True,
     and store plus every element PyTorch operators outside the kernels read or write of N x C
     tensors. ``backward=False`` runs the forward only, under ``torch.no_grad()`` (evaluation).
     """
-    import contextlib
-
     from celib import functional
     from celib.kernels import _mode, launch
     from celib.kernels.tools.meter import measure

@@ -71,7 +71,8 @@ def budget(path: str) -> float:
 class Resources:
     """One compiled launch: what ptxas and the SASS say about it."""
 
-    kernel: str  # "forward (one block)", "forward (streamed)", "backward (one block)", "backward"
+    kernel: str  # "forward (one block)", "forward (streamed)", "forward (two sweeps)", "backward (one block)",
+    # or "backward"
     arch: str
     dtype: str
     block: int
