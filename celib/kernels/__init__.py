@@ -70,7 +70,7 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         target = target.to(input.dtype)
     if weight is not None:
         weight = weight.to(device=input.device)
-    block = launch.tuning().max_block
+    block = launch.tuning().max_block  # fixed now: backward may run after a launch.tuned() block has ended
     options = (ignore_index, reduction, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
     if torch.compiler.is_compiling():
         loss, lse = _compiled(input, target, weight, *options, inplace_backward, block)
