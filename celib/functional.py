@@ -228,7 +228,9 @@ def binary_cross_entropy(
     holds probabilities in [0, 1] (any shape, float); ``target`` has the same
     shape, values in [0, 1]. Each log is clamped at -100, as PyTorch does, so a
     probability of exactly 0 or 1 on the wrong side costs 100, not infinity.
-    Prefer :func:`binary_cross_entropy_with_logits`, which is exact.
+    Prefer :func:`binary_cross_entropy_with_logits`, which never rounds a
+    probability: it is accurate to rounding in absolute terms (a tiny loss, as
+    for a confident correct negative, may come out as 0).
 
     Raises:
         InputError: input outside [0, 1] (it names ``..._with_logits`` as the
