@@ -28,6 +28,14 @@ def test_digits_split_is_stratified_seeded_and_unbalanced_on_request():
     assert torch.equal(rare.y_test, split.y_test)  # the test set stays balanced
 
 
+def test_digits_leaves_a_feature_constant_in_training_unscaled():
+    # seed 2: pixel 24 is 0 on every training image, not on two test images
+    split = data.digits(seed=2)
+    assert float(split.x_train[:, 24].abs().max()) == 0.0
+    assert 0 < float(split.x_test[:, 24].abs().max()) <= 16  # a raw pixel
+    assert float(split.x_test.abs().max()) < 100
+
+
 def test_fit_learns_digits_and_is_repeatable():
     split = data.digits(seed=0)
     runs = []

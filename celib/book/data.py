@@ -57,7 +57,13 @@ def digits(
             train = train[: max(1, int(round(keep_fraction[c] * len(train))))]
         train_idx.append(train)
     train_idx, test_idx = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
-    mean, std = x[train_idx].mean(0), x[train_idx].std(0) + 1e-6
+    # Standardise with the training split's statistics. A feature that is
+    # constant there is only centred: divided by a tiny std, a value the
+    # training split never showed would become huge (10^6 for one pixel of
+    # seed 2's test split), and the model's untrained weight on it would
+    # decide that image.
+    mean, std = x[train_idx].mean(0), x[train_idx].std(0)
+    std = np.where(std > 0, std + 1e-6, 1.0)
     scale = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
     return Split(
         scale(x[train_idx]),
