@@ -239,8 +239,10 @@ def binary_cross_entropy(
     reduction = validate.legacy_reduction(size_average, reduce, reduction)
     _check_elementwise(input, target, reduction)
     _check_broadcast("weight", weight, input.shape)
-    validate.check_probabilities("input", input)
-    validate.check_probabilities("target", target)
+    validate.check_probabilities("input", input, "If these are logits, use binary_cross_entropy_with_logits instead.")
+    validate.check_probabilities(
+        "target", target, "Labels of -1 and 1? Convert them with (s + 1) / 2 (the logits version does not check targets)."
+    )
     return F.binary_cross_entropy(input, target, weight, reduction=reduction)
 
 

@@ -202,11 +202,8 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
         )
 
 
-def check_probabilities(name: str, tensor: torch.Tensor) -> None:
-    """Raise unless every element of ``tensor`` lies in [0, 1] (reads the data)."""
+def check_probabilities(name: str, tensor: torch.Tensor, fix: str) -> None:
+    """Raise unless every element of ``tensor`` lies in [0, 1] (reads the data); ``fix`` ends the message."""
     if tensor.numel() and bool(((tensor < 0) | (tensor > 1)).any()):
         lo, hi = float(tensor.min()), float(tensor.max())
-        raise InputError(
-            f"{name} must hold probabilities in [0, 1], found values in [{lo:.4g}, {hi:.4g}]. If these are logits, "
-            f"use binary_cross_entropy_with_logits instead."
-        )
+        raise InputError(f"{name} must hold probabilities in [0, 1], found values in [{lo:.4g}, {hi:.4g}]. {fix}")

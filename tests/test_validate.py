@@ -86,5 +86,9 @@ def test_dtypes_and_types():
 def test_probabilities_outside_unit_interval():
     with raises(r"input must hold probabilities in \[0, 1\], found values in \[-0.5, 2\]. If these are logits, use binary_cross_entropy_with_logits"):
         celib.binary_cross_entropy(torch.tensor([-0.5, 2.0, 0.3]), torch.tensor([0.0, 1.0, 1.0]))
+    # a target of -1 and 1 labels: the fix converts them, it does not point at the unchecked logits loss
+    with raises(r"target must hold probabilities in \[0, 1\], found values in \[-1, 1\]. Labels of -1 and 1\? "
+                r"Convert them with \(s \+ 1\) / 2"):
+        celib.binary_cross_entropy(torch.tensor([0.9, 0.1]), torch.tensor([1.0, -1.0]))
     with raises(r"pos_weight of shape \(2,\) does not broadcast"):
         celib.binary_cross_entropy_with_logits(X, torch.rand(4, 3), pos_weight=torch.ones(2))
