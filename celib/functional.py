@@ -234,7 +234,8 @@ def binary_cross_entropy(
 
     Raises:
         InputError: input outside [0, 1] (it names ``..._with_logits`` as the
-            fix), shape mismatch, bad reduction.
+            fix), target outside [0, 1] (it names the conversion of -1/1
+            labels), shape mismatch, bad reduction.
     """
     reduction = validate.legacy_reduction(size_average, reduce, reduction)
     _check_elementwise(input, target, reduction)

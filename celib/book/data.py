@@ -61,7 +61,8 @@ def digits(
     # constant there is only centred: divided by a tiny std, a value the
     # training split never showed would become huge (10^6 for one pixel of
     # seed 2's test split), and the model's untrained weight on it would
-    # decide that image.
+    # decide that image. (Other features keep the + 1e-6 they always had, so
+    # every other standardised value is unchanged.)
     mean, std = x[train_idx].mean(0), x[train_idx].std(0)
     std = np.where(std > 0, std + 1e-6, 1.0)
     scale = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
