@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import celib  # noqa: E402
-from celib import linear  # noqa: E402
+from celib import _chunks, linear  # noqa: E402
 
 #: An H100 SXM: dense tensor-core FLOP/s by the products' input dtype, and HBM3 bytes per second.
 FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 495e12}
@@ -157,25 +157,24 @@ class Meter(TorchDispatchMode):
 def _modelled_kernel(meter: Meter):
     """celib's per-chunk loss + gradient as its Triton kernel does it: in place over the chunk's logits,
     at the kernel's measured traffic (modelled; fake tensors cannot run a Triton kernel)."""
-    original = linear._chunk_loss_and_grad
+    original = _chunks.TritonRowLoss.loss_and_grad
 
-    def kernel(chunk, z, ts, scale_all, upstream, want_grad, backend):
+    def kernel(self, z, rows, scale, upstream, want_grad):
         n, c = z.shape
         passes = (1, 1) if c <= ONE_BLOCK else (2, 1)  # reads, writes per logit: the kernels' meter
         if want_grad:
             meter.add("celib fused kernel (modelled)", 0.0, (passes[0] + passes[1]) * z.numel() * z.element_size())
         else:
             meter.add("celib fused kernel, forward only (modelled)", 0.0, z.numel() * z.element_size())
-        loss = torch.empty(n, dtype=torch.float32, device=z.device)
-        return loss, torch.empty(n, dtype=torch.float32, device=z.device)
+        return torch.empty(n, dtype=torch.float32, device=z.device)
 
-    linear._chunk_loss_and_grad = kernel
-    linear._OUT_DTYPE_ADDMM["meta"] = True  # as on CUDA: bf16 products accumulated in float32
+    _chunks.TritonRowLoss.loss_and_grad = kernel
+    _chunks._OUT_DTYPE_ADDMM["meta"] = True  # as on CUDA: bf16 products accumulated in float32
     try:
         yield
     finally:
-        linear._chunk_loss_and_grad = original
-        linear._OUT_DTYPE_ADDMM.pop("meta", None)
+        _chunks.TritonRowLoss.loss_and_grad = original
+        _chunks._OUT_DTYPE_ADDMM.pop("meta", None)
 
 
 def run(impl: str, n: int, h: int, v: int, dtype=torch.bfloat16, rows: int | None = None) -> Report:

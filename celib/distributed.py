@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from celib import _reduction, validate
+from celib import _chunks, _reduction, validate
+from celib._chunk_size import chunk_rows
+from celib._options import LossOptions
 from celib.errors import InputError
-from celib.linear import _accumulate_param_grads, _accumulation_dtype, _WeightGrad, chunk_rows
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -47,62 +48,97 @@ def _shard_offsets(local_classes: int, device: torch.device, group) -> tuple[int
 
 
 def _check_and_locate(target, rows_of, name, local_classes, group, ignore_index, reduction, label_smoothing,
-                      z_loss) -> tuple[int, int]:
-    """Check the target and options alike on every rank, then (offset of this shard, total classes)."""
+                      z_loss) -> tuple[LossOptions, int, int]:
+    """Check the target and options alike on every rank; the options, the offset of this shard and the
+    total number of classes."""
     if not isinstance(target, torch.Tensor) or not validate.is_index_target(target) or target.dim() != 1:
         raise InputError("target must be a 1-D integer tensor of global class indices.")
     if target.shape[0] != rows_of.shape[0]:
         raise InputError(f"target has {target.shape[0]} rows but {name} has {rows_of.shape[0]}.")
-    validate.check_reduction(reduction)
-    validate.check_label_smoothing(label_smoothing)
-    validate.check_extras(z_loss, None)
+    options = validate.loss_options(None, ignore_index, reduction, label_smoothing, z_loss)
     offset, num_classes = _shard_offsets(local_classes, rows_of.device, group)
     validate.check_target_range(target, num_classes, ignore_index)
-    return offset, num_classes
+    return options, offset, num_classes
+
+
+class _ShardRowLoss:
+    """The row loss (see :mod:`celib._chunks`) of this rank's shard of the vocabulary.
+
+    The loss needs three numbers per row from the whole vocabulary: the maximum, the sum of
+    exponentials below it and the target's logit (label smoothing adds the sum of the logits). With
+    ``lse_known`` False they come from two all-reduces per chunk, and the row's lse is stored in
+    ``lse``; with it True (backward) the saved lse is read and nothing is communicated.
+    """
+
+    raw = False
+
+    def __init__(self, options: LossOptions, target, offset: int, num_classes: int, group, lse: torch.Tensor,
+                 lse_known: bool = False) -> None:
+        self.options, self.target, self.offset, self.num_classes = options, target, offset, num_classes
+        self.group, self.lse, self.lse_known = group, lse, lse_known
+
+    def loss_and_grad(self, z, rows, scale, upstream, want_grad):
+        """Per-row loss (None with ``lse_known``) of the shard's logits z (n, V_r) of ``rows``; with
+        ``want_grad`` z is overwritten by d(loss * scale * upstream)/dz on the shard:
+        (coef p - a/C) s, minus (1 - a) s at an owned target, coef = 1 + 2 z_loss lse."""
+        o, t = self.options, self.target[rows]
+        n, local = z.shape
+        a = o.label_smoothing
+        kept = t != o.ignore_index
+        owned = kept & (t >= self.offset) & (t < self.offset + local)
+        local_t = torch.where(owned, t - self.offset, torch.zeros_like(t))
+        loss = None
+        if self.lse_known:
+            lse = self.lse[rows]
+        else:
+            m = z.amax(1) if local else torch.full((n,), -torch.inf, dtype=z.dtype, device=z.device)
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+            z_t = z.gather(1, local_t[:, None]).squeeze(1) if local else torch.zeros_like(m)
+            packed = torch.stack([
+                torch.exp(z - m[:, None]).sum(1),  # sum of exp(z - m) over the shard
+                torch.where(owned, z_t, torch.zeros_like(z_t)),  # the target's logit, on the rank that owns it
+                z.sum(1),  # sum of the logits, for label smoothing
+            ])
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
+            total, z_t, z_sum = packed
+            lse = m + total.log()
+            self.lse[rows] = lse
+            loss = (1 - a) * (lse - z_t) + a * (lse - z_sum / self.num_classes) + o.z_loss * lse.square()
+            loss = torch.where(kept, loss, torch.zeros_like(loss))
+        if want_grad:
+            s = scale.to(z.dtype) * kept
+            if upstream is not None:
+                s = s * upstream.to(z.dtype)
+            g = z.sub_(lse[:, None]).exp_().mul_(((1.0 + 2 * o.z_loss * lse) * s)[:, None])
+            if a:
+                g.sub_((a / self.num_classes * s)[:, None])
+            if local:  # a rank may hold no class at all
+                g[torch.arange(n, device=z.device), local_t] -= torch.where(owned, (1 - a) * s,
+                                                                            torch.zeros_like(s))
+        return loss
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local_logits, target, offset, num_classes, ignore_index, reduction, smoothing, z_loss, group):
+    def forward(ctx, local_logits, target, options: LossOptions, offset, num_classes, group):
         z = local_logits if local_logits.dtype == torch.float64 else local_logits.float()
-        n, local = z.shape
-        kept = target != ignore_index
-        owned = kept & (target >= offset) & (target < offset + local)
-        local_t = torch.where(owned, target - offset, torch.zeros_like(target))
-
-        m = z.amax(1) if local else torch.full((n,), -torch.inf, dtype=z.dtype, device=z.device)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        z_t = z.gather(1, local_t[:, None]).squeeze(1) if local else torch.zeros_like(m)
-        packed = torch.stack([
-            torch.exp(z - m[:, None]).sum(1),  # sum of exp(z - m) over the shard
-            torch.where(owned, z_t, torch.zeros_like(z_t)),  # the target's logit, on the rank that owns it
-            z.sum(1),  # sum of the logits, for label smoothing
-        ])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        total, z_t, z_sum = packed
-        lse = m + total.log()
-        loss = (1 - smoothing) * (lse - z_t) + smoothing * (lse - z_sum / num_classes) + z_loss * lse.square()
-        loss = torch.where(kept, loss, torch.zeros_like(loss))
-        den = _reduction.kept_weight(target, None, ignore_index, z.dtype).sum()
-        ctx.save_for_backward(local_logits, lse, local_t, owned, kept, den)
-        ctx.options = (reduction, smoothing, z_loss, num_classes)
-        return _reduction.reduce(loss, reduction, den).to(local_logits.dtype)  # all ignored: nan, as PyTorch
+        lse = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+        one = torch.ones((), dtype=z.dtype, device=z.device)
+        loss = _ShardRowLoss(options, target, offset, num_classes, group, lse).loss_and_grad(
+            z, slice(None), one, None, False)
+        den = _reduction.kept_weight(target, None, options.ignore_index, z.dtype).sum()
+        ctx.save_for_backward(local_logits, target, lse, den)
+        ctx.options, ctx.offset, ctx.num_classes = options, offset, num_classes
+        return _reduction.reduce(loss, options.reduction, den).to(local_logits.dtype)  # all ignored: nan
 
     @staticmethod
     def backward(ctx, grad_out):
-        local_logits, lse, local_t, owned, kept, den = ctx.saved_tensors
-        reduction, smoothing, z_loss, num_classes = ctx.options
-        scale = grad_out.to(lse.dtype).expand(lse.shape)
-        if reduction == "mean":
-            scale = scale * _reduction.grad_scale(den)
-        scale = scale * kept
-        coef = 1.0 + 2 * z_loss * lse  # the target mass sums to 1 over the whole vocabulary
-        p = torch.exp(local_logits.to(lse.dtype) - lse[:, None])
-        grad = (coef[:, None] * p - smoothing / num_classes) * scale[:, None]
-        if grad.shape[1]:  # a rank may hold no classes
-            rows = torch.arange(len(lse), device=lse.device)
-            grad[rows, local_t] -= torch.where(owned, (1 - smoothing) * scale, torch.zeros_like(scale))
-        return grad.to(local_logits.dtype), None, None, None, None, None, None, None, None
+        local_logits, target, lse, den = ctx.saved_tensors
+        scale = _reduction.grad_scale(den) if ctx.options.reduction == "mean" else torch.ones_like(den)
+        z = local_logits.to(lse.dtype, copy=True)  # overwritten by the gradient
+        shard = _ShardRowLoss(ctx.options, target, ctx.offset, ctx.num_classes, None, lse, lse_known=True)
+        shard.loss_and_grad(z, slice(None), scale, grad_out.to(lse.dtype).expand(lse.shape), True)
+        return z.to(local_logits.dtype), None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -142,99 +178,50 @@ def vocab_parallel_cross_entropy(
     validate.check_floating("local_logits", local_logits)
     if local_logits.dim() != 2:
         raise InputError(f"local_logits must be (N, V_r), got shape {tuple(local_logits.shape)}.")
-    offset, num_classes = _check_and_locate(target, local_logits, "local_logits", local_logits.shape[1], group,
-                                            ignore_index, reduction, label_smoothing, z_loss)
-    return _VocabParallelCrossEntropy.apply(local_logits, target.long(), offset, num_classes, ignore_index, reduction,
-                                            float(label_smoothing), float(z_loss), group)
+    options, offset, num_classes = _check_and_locate(target, local_logits, "local_logits", local_logits.shape[1],
+                                                     group, ignore_index, reduction, label_smoothing, z_loss)
+    return _VocabParallelCrossEntropy.apply(local_logits, target.long(), options, offset, num_classes, group)
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    """The output layer and the loss, the layer's weight split by vocabulary rows; chunked over rows."""
+    """The output layer and the loss, the layer's weight split by vocabulary rows; chunked over rows by
+    celib._chunks' loop (gradients formed in forward for mean and sum, recomputed for none)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, target, offset, num_classes, ignore_index, reduction, smoothing, z_loss, rows, group):
-        acc = _accumulation_dtype(x)
-        n, local = x.shape[0], w.shape[0]
-        kept = target != ignore_index
-        owned = kept & (target >= offset) & (target < offset + local)
-        local_t = torch.where(owned, target - offset, torch.zeros_like(target))
-        den = _reduction.kept_weight(target, None, ignore_index, acc).sum()
-        lse = torch.empty(n, dtype=acc, device=x.device)
-        losses = torch.empty(n, dtype=acc, device=x.device)
-        need = ctx.needs_input_grad[:3]
-        now = reduction != "none" and any(need)  # the upstream gradient is a scalar: form the gradients now
-        scale = torch.ones((), dtype=acc, device=x.device)
-        if reduction == "mean":
-            scale = _reduction.grad_scale(den)
-        gx = torch.zeros(x.shape, dtype=acc, device=x.device) if now and need[0] else None
-        gw = _WeightGrad(w, acc) if now and need[1] else None
-        gb = torch.zeros(local, dtype=acc, device=x.device) if now and need[2] else None
-        for start in range(0, n, rows):
-            sl = slice(start, start + rows)
-            z = _shard_logits(x[sl], w, b, acc)
-            m = z.amax(1) if local else torch.full((z.shape[0],), -torch.inf, dtype=acc, device=x.device)
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            z_t = z.gather(1, local_t[sl, None]).squeeze(1) if local else torch.zeros_like(m)
-            packed = torch.stack([torch.exp(z - m[:, None]).sum(1), torch.where(owned[sl], z_t, 0.0), z.sum(1)])
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-            total, z_t, z_sum = packed
-            lse[sl] = m + total.log()
-            loss = (1 - smoothing) * (lse[sl] - z_t) + smoothing * (lse[sl] - z_sum / num_classes)
-            losses[sl] = torch.where(kept[sl], loss + z_loss * lse[sl].square(), 0.0)
-            if now:
-                g = _shard_grad(z, lse[sl], local_t[sl], owned[sl], kept[sl] * scale, smoothing, z_loss, num_classes)
-                _accumulate_param_grads(g, x[sl], w, gx, gw, gb, sl)
-        ctx.save_for_backward(x, w, b, target, lse, local_t, owned, kept, scale)
-        ctx.grads = (gx, gw, gb) if now else None
-        ctx.options = (reduction, smoothing, z_loss, num_classes, rows, group)
-        return _reduction.reduce(losses, reduction, den).to(x.dtype)  # all ignored: nan mean
+    def forward(ctx, x, w, b, target, options: LossOptions, offset, num_classes, rows, group):
+        acc = _chunks.accumulation_dtype(x)
+        den = _reduction.kept_weight(target, None, options.ignore_index, acc).sum()
+        scale = _reduction.grad_scale(den) if options.reduction == "mean" else torch.ones_like(den)
+        lse = torch.empty(x.shape[0], dtype=acc, device=x.device)
+        losses = torch.empty(x.shape[0], dtype=acc, device=x.device)
+        need = tuple(ctx.needs_input_grad[:3])
+        # The upstream gradient is a scalar: form the gradients now (dX in acc: all-reduced in backward).
+        grads = _chunks.ParamGrads(x, w, acc, need, input_dtype=acc) if options.reduction != "none" and any(
+            need) else None
+        shard = _ShardRowLoss(options, target, offset, num_classes, group, lse)
+        _chunks.chunked_pass(x, w, b, shard, rows, scale, grads=grads, losses=losses)
+        ctx.save_for_backward(x, w, b, target, lse, scale)
+        ctx.grads, ctx.options, ctx.offset, ctx.num_classes = grads, options, offset, num_classes
+        ctx.rows, ctx.group = rows, group
+        return _reduction.reduce(losses, options.reduction, den).to(x.dtype)  # all ignored: nan mean
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, b, target, lse, local_t, owned, kept, scale = ctx.saved_tensors
-        reduction, smoothing, z_loss, num_classes, rows, group = ctx.options
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x, w, b, target, lse, scale = ctx.saved_tensors
         acc = lse.dtype
         if ctx.grads is not None:
-            gx, gw, gb = ctx.grads
-            ctx.grads = None
-            up = grad_out.to(acc)
-            gx = None if gx is None else gx.mul_(up)
-            gw = None if gw is None else gw.result(up)
-            gb = None if gb is None else gb.mul_(up)
+            grads, ctx.grads = ctx.grads, None
+            gx, gw, gb = grads.result(grad_out.to(acc))
         else:  # reduction="none", or a second backward: recompute each chunk, with the saved lse
-            per_row = grad_out.to(acc).expand(x.shape[0]) * kept * (scale if reduction != "none" else 1)
-            gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
-            gw = _WeightGrad(w, acc) if need_w else None
-            gb = torch.zeros(w.shape[0], dtype=acc, device=x.device) if need_b else None
-            for start in range(0, x.shape[0], rows):
-                sl = slice(start, start + rows)
-                z = _shard_logits(x[sl], w, b, acc)
-                g = _shard_grad(z, lse[sl], local_t[sl], owned[sl], per_row[sl], smoothing, z_loss, num_classes)
-                _accumulate_param_grads(g, x[sl], w, gx, gw, gb, sl)
-            gw = None if gw is None else gw.result()
+            grads = _chunks.ParamGrads(x, w, acc, tuple(ctx.needs_input_grad[:3]), input_dtype=acc)
+            shard = _ShardRowLoss(ctx.options, target, ctx.offset, ctx.num_classes, None, lse, lse_known=True)
+            _chunks.chunked_pass(x, w, b, shard, ctx.rows, scale, upstream=grad_out.to(acc).expand(x.shape[0]),
+                                 grads=grads)
+            gx, gw, gb = grads.result()
         if gx is not None:  # every rank holds a part of dX = sum over shards of G_r W_r: N x H numbers
-            dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=ctx.group)
             gx = gx.to(x.dtype)
-        return (gx, gw, None if gb is None else gb.to(w.dtype), None, None, None, None, None, None, None, None,
-                None)
-
-
-def _shard_logits(xs, w, b, acc):
-    z = xs @ w.t() if b is None else torch.addmm(b, xs, w.t())
-    return z.to(acc)
-
-
-def _shard_grad(z, lse, local_t, owned, scale, smoothing, z_loss, num_classes):
-    """d(loss * scale)/dz on this shard: (coef p - a/C) scale, minus (1 - a) scale at an owned target."""
-    coef = 1.0 + 2 * z_loss * lse
-    g = torch.exp(z - lse[:, None]).mul_((coef * scale)[:, None])
-    if smoothing:
-        g.sub_((smoothing / num_classes * scale)[:, None])
-    if g.shape[1]:  # a rank may hold no class at all
-        rows = torch.arange(len(lse), device=z.device)
-        g[rows, local_t] -= torch.where(owned, (1 - smoothing) * scale, torch.zeros_like(scale))
-    return g
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -294,9 +281,8 @@ def vocab_parallel_linear_cross_entropy(
     if bias_shard is not None and tuple(bias_shard.shape) != (weight_shard.shape[0],):
         raise InputError(f"bias_shard must have shape ({weight_shard.shape[0]},), one entry per row of "
                          f"weight_shard; got {tuple(bias_shard.shape)}.")
-    offset, num_classes = _check_and_locate(target, input, "input", weight_shard.shape[0], group, ignore_index,
-                                            reduction, label_smoothing, z_loss)
+    options, offset, num_classes = _check_and_locate(target, input, "input", weight_shard.shape[0], group,
+                                                     ignore_index, reduction, label_smoothing, z_loss)
     rows = chunk_rows(input.shape[0], weight_shard.shape[0], chunk_size, dtype=input.dtype, device=input.device)
-    return _VocabParallelLinearCrossEntropy.apply(input, weight_shard, bias_shard, target.long(), offset, num_classes,
-                                                  ignore_index, reduction, float(label_smoothing), float(z_loss),
-                                                  rows, group)
+    return _VocabParallelLinearCrossEntropy.apply(input, weight_shard, bias_shard, target.long(), options, offset,
+                                                  num_classes, rows, group)

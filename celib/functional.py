@@ -113,14 +113,12 @@ def cross_entropy(
         celib.errors.InputError: ...
     """
     reduction = validate.legacy_reduction(size_average, reduce, reduction)
-    validate.check_cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing)
-    validate.check_extras(z_loss, softcap)
+    options = validate.cross_entropy_options(input, target, weight, ignore_index, reduction, label_smoothing,
+                                             z_loss, softcap)
     if _backend.use_kernel(backend, input):
-        return kernels._cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=softcap,
-            return_lse=return_lse, inplace_backward=inplace_backward, loss_dtype=loss_dtype,
-            check_inputs=check_inputs,
-        )
+        return kernels._cross_entropy(input, target, options, return_lse=return_lse,
+                                      inplace_backward=inplace_backward, loss_dtype=loss_dtype,
+                                      check_inputs=check_inputs)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if validate.is_index_target(target):
         if check_inputs:
@@ -133,11 +131,13 @@ def cross_entropy(
     if weight is not None and weight.dtype != input.dtype:
         weight = weight.to(input.dtype)  # PyTorch wants one dtype; the kernel takes any (it computes in float32)
     logits = input if softcap is None else softcap * torch.tanh(input / softcap)
-    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
     lse = None
     if z_loss or return_lse:
         # float32 for half inputs, float64 for float64 (the z-loss is computed in it; return_lse gives float32)
-        lse = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), dim=0 if input.dim() == 1 else 1)
+        lse = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(),
+                              dim=0 if input.dim() == 1 else 1)
     if z_loss:
         loss = loss + _z_term(z_loss, lse, target, weight, ignore_index, reduction).to(loss.dtype)
     if loss_dtype is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from celib._options import LossOptions
 from celib.errors import InputError
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -155,19 +156,19 @@ def check_label_smoothing(label_smoothing: float) -> None:
         raise InputError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
 
 
-def check_cross_entropy_args(
+def cross_entropy_options(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
-) -> None:
-    """All shape, dtype and option checks of :func:`celib.cross_entropy` (no data is read)."""
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> LossOptions:
+    """All shape, dtype and option checks of :func:`celib.cross_entropy` (no data is read); the options."""
     check_classification_args(input, target, weight, reduction, allow_probabilities=True)
-    check_label_smoothing(label_smoothing)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise InputError(f"ignore_index must be an int, got {ignore_index!r}.")
+    return loss_options(weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 
 def check_extras(z_loss: float, softcap: float | None) -> None:
@@ -176,6 +177,22 @@ def check_extras(z_loss: float, softcap: float | None) -> None:
         raise InputError(f"softcap must be a positive number or None, got {softcap}.")
     if float(z_loss) < 0:
         raise InputError(f"z_loss must be >= 0, got {z_loss}.")
+
+
+def loss_options(weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None) -> LossOptions:
+    """The checked options of one call, as the :class:`~celib._options.LossOptions` every backend takes.
+
+    Checks the option values (not their fit to a tensor: the class weight's shape is checked with the
+    input, by :func:`check_class_weight`) and normalises the numbers to Python floats.
+    """
+    check_reduction(reduction)
+    check_label_smoothing(label_smoothing)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise InputError(f"ignore_index must be an int, got {ignore_index!r}.")
+    check_extras(z_loss, softcap)
+    return LossOptions(weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
+                       None if softcap is None else float(softcap))
 
 
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:

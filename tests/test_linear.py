@@ -178,7 +178,7 @@ def test_triton_backend_matches_the_torch_backend(kwargs):
 
 
 def test_chunk_rule():
-    from celib.linear import _roofline_rows as roofline_rows
+    from celib._chunk_size import _roofline_rows as roofline_rows
 
     # CUDA: four times an H100's machine balance (989e12 / 3.35e12 = 295 FLOP/byte) in rows, in 128s
     assert roofline_rows(torch.bfloat16) == 1280 and roofline_rows(torch.float32) == 640

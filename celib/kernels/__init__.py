@@ -22,6 +22,7 @@ import importlib.util
 import torch
 
 from celib import validate
+from celib._options import LossOptions
 from celib.errors import InputError
 from celib.kernels import _mode
 
@@ -31,6 +32,8 @@ __all__ = ["DTYPES", "available"]
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _mode.prefer_interpreter_without_gpu()
+
+from celib.kernels import autograd, launch  # noqa: E402  (neither imports triton)
 
 
 def _find_triton() -> bool:
@@ -48,8 +51,8 @@ def available() -> bool:
     return _TRITON
 
 
-def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, *, z_loss, softcap,
-                   return_lse, inplace_backward, loss_dtype, check_inputs):
+def _cross_entropy(input, target, options: LossOptions, *, return_lse, inplace_backward, loss_dtype,
+                   check_inputs):
     """The kernel's path of :func:`celib.cross_entropy`, whose arguments it takes already checked.
 
     Rows up to the one-block limit (``launch.block_size``: ``launch.tuning().max_block``, capped lower for
@@ -58,41 +61,27 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     synchronisation); without it the call never synchronises, and such a row's loss and gradient are
     nan (never a finite wrong number, never a read outside the row).
     """
-    from celib.kernels import launch
-
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if validate.is_index_target(target):
         if check_inputs:
-            validate.check_target_range(target, num_classes, ignore_index)
+            validate.check_target_range(target, num_classes, options.ignore_index)
         if target.dtype not in (torch.int32, torch.int64):
             target = target.long()
     elif target.dtype != input.dtype and target.dtype not in DTYPES:
         target = target.to(input.dtype)
-    if weight is not None:
-        weight = weight.to(device=input.device)
+    if options.weight is not None:
+        options = options.replace(weight=options.weight.to(device=input.device))
     block = launch.tuning().max_block  # fixed now: backward may run after a launch.tuned() block has ended
-    options = (ignore_index, reduction, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    if torch.compiler.is_compiling():
-        loss, lse = _compiled(input, target, weight, *options, inplace_backward, block)
+    batch_shape = validate.index_target_shape(input)
+    if torch.compiler.is_compiling():  # one opaque op (see celib.kernels.autograd)
+        if inplace_backward:
+            raise InputError("inplace_backward=True is not supported under torch.compile (the compiler must "
+                             "see every write); drop it there.")
+        t = launch.as_rows(target) if target.is_floating_point() else target
+        loss, lse, _, _ = autograd.cross_entropy_op(launch.as_rows(input), t, *options.as_args(), block)
+        loss = loss.view(batch_shape) if options.reduction == "none" else loss
+        lse = lse.view(batch_shape).detach()
     else:
-        from celib.kernels.autograd import CrossEntropyFunction
-
-        loss, lse = CrossEntropyFunction.apply(input, target, weight, *options, inplace_backward, block)
+        loss, lse = autograd.CrossEntropyFunction.apply(input, target, options, inplace_backward, block)
     loss = loss.to(loss_dtype or input.dtype)
     return (loss, lse) if return_lse else loss
-
-
-def _compiled(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace_backward,
-              block):
-    """The path under torch.compile: one opaque op, ``celib::cross_entropy`` (see celib.kernels.autograd)."""
-    from celib.kernels.autograd import cross_entropy_op
-    from celib.kernels.launch import as_rows
-
-    if inplace_backward:
-        raise InputError("inplace_backward=True is not supported under torch.compile (the compiler must see "
-                         "every write); drop it there.")
-    target = as_rows(target) if target.is_floating_point() else target
-    loss, lse, _, _ = cross_entropy_op(as_rows(input), target, weight, ignore_index, reduction, label_smoothing,
-                                       z_loss, softcap, block)
-    batch_shape = validate.index_target_shape(input)
-    return (loss.view(batch_shape) if reduction == "none" else loss), lse.view(batch_shape).detach()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 import torch
 
+from celib._options import LossOptions
 from celib.errors import InputError
 from celib.kernels import _mode
 
@@ -181,13 +182,6 @@ class Launch:
                 fn[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps)
 
 
-def _flags(target, weight, label_smoothing, softcap) -> dict:
-    """The compile-time flags of the options, for both kernels; HAS_CLASS_MASS: per-class factors in the loss."""
-    prob, smoothing = target.is_floating_point(), float(label_smoothing) != 0.0
-    return dict(PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing,
-                HAS_SOFTCAP=softcap is not None, HAS_CLASS_MASS=prob or smoothing)
-
-
 def _row_args(prefix: str, t: torch.Tensor) -> dict:
     """A (N, C, S) tensor's pointer and strides as the kernels name them: ``<prefix>_ptr`` and
     ``stride_<p>n``, ``stride_<p>s``, ``stride_<p>c`` with p the prefix's first letter."""
@@ -215,12 +209,13 @@ def _upstream_strides(upstream: torch.Tensor, n: int, s: int) -> tuple[torch.Ten
     return up, up.stride(0), up.stride(1)
 
 
-def plan_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, compute_grad,
-                 grad_out=None, max_block=None) -> tuple[Launch, Forward]:
+def plan_forward(logits, target, options: LossOptions, grad_scale, compute_grad, grad_out=None,
+                 max_block=None) -> tuple[Launch, Forward]:
     """The forward launch and the tensors it writes (see :func:`forward`), without running it."""
     n, c, s = logits.shape
     rows, device = n * s, logits.device
-    block = block_size(c, max_block, probability_target=target.is_floating_point(), softcap=softcap is not None)
+    prob = target.is_floating_point()
+    block = block_size(c, max_block, probability_target=prob, softcap=options.softcap is not None)
     single = block >= c
     two_sweeps = _tuning.two_sweeps and not single
     loss = torch.empty(rows, dtype=torch.float32, device=device)
@@ -230,54 +225,56 @@ def plan_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, 
     if compute_grad and (single or two_sweeps):
         grad = grad_out if grad_out is not None else torch.empty((n, c, s), dtype=logits.dtype, device=device)
     g = grad if grad is not None else logits  # never written without the gradient
-    args = dict(**_row_args("logits", logits), **_target_args(target), weight_ptr=_weight(weight, loss),
+    args = dict(**_row_args("logits", logits), **_target_args(target), weight_ptr=_weight(options.weight, loss),
                 **_row_args("grad", g), loss_ptr=loss, lse_ptr=lse, stats_ptr=stats, grad_scale_ptr=grad_scale,
-                n_rows=rows, n_inner=s, n_cols=c, ignore_index=ignore_index, smoothing=float(label_smoothing),
-                z_loss=float(z_loss), softcap=float(softcap or 1.0))
-    flags = dict(_flags(target, weight, label_smoothing, softcap), HAS_Z_LOSS=float(z_loss) != 0.0,
-                 COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single, TWO_SWEEPS=two_sweeps)
+                n_rows=rows, n_inner=s, n_cols=c, **options.kernel_scalars())
+    flags = dict(options.kernel_flags(prob), COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single,
+                 TWO_SWEEPS=two_sweeps)
     grid = _programs(rows, c * logits.element_size(), device) if two_sweeps else rows
-    warps = _warps(block, two_sweeps and (target.is_floating_point() or softcap is not None))
+    warps = _warps(block, two_sweeps and (prob or options.softcap is not None))
     return Launch("forward_kernel", (grid,), args, flags, warps), Forward(loss, lse, stats, grad)
 
 
-def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale, compute_grad,
-            grad_out=None, max_block=None) -> Forward:
+def forward(logits, target, options: LossOptions, grad_scale, compute_grad, grad_out=None,
+            max_block=None) -> Forward:
     """Run the forward kernel over every row.
 
     Args:
         logits: (N, C, S) view (see :func:`as_rows`), float16/bfloat16/float32, any strides.
         target: (N*S,) integer class indices, or (N, C, S) probabilities.
+        options: the call's :class:`~celib._options.LossOptions` (its ``reduction`` is not read:
+            ``grad_scale`` carries the mean's factor).
         grad_scale: () float32 device tensor multiplying every gradient row (1 / mean's denominator).
         compute_grad: write the gradient now, if the row fits in one block or ``tuning().two_sweeps``
             (else backward does).
         grad_out: where to write it ((N, C, S), e.g. the logits themselves); a new tensor if None.
     """
     _mode.check_device(logits)
-    launch, out = plan_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale,
-                               compute_grad, grad_out, max_block)
+    launch, out = plan_forward(logits, target, options, grad_scale, compute_grad, grad_out, max_block)
     launch.run(logits.device)
     return out
 
 
-def plan_backward(logits, target, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, upstream,
-                  grad_out=None, max_block=None, skip_unit_upstream=False) -> tuple[Launch, torch.Tensor]:
+def plan_backward(logits, target, options: LossOptions, stats, grad_scale, upstream, grad_out=None,
+                  max_block=None, skip_unit_upstream=False) -> tuple[Launch, torch.Tensor]:
     """The backward launch and the gradient it writes (see :func:`backward`), without running it."""
     n, c, s = logits.shape
+    prob = target.is_floating_point()
     grad = grad_out if grad_out is not None else torch.empty((n, c, s), dtype=logits.dtype, device=logits.device)
     up, stride_un, stride_us = _upstream_strides(upstream, n, s)
-    block = block_size(c, max_block, probability_target=target.is_floating_point(), softcap=softcap is not None)
-    args = dict(**_row_args("logits", logits), **_target_args(target), weight_ptr=_weight(weight, stats),
+    block = block_size(c, max_block, probability_target=prob, softcap=options.softcap is not None)
+    # The z-loss reaches backward through the saved coefficient (stats), not as an option of its own.
+    scalars = {k: v for k, v in options.kernel_scalars().items() if k != "z_loss"}
+    flags = {k: v for k, v in options.kernel_flags(prob).items() if k != "HAS_Z_LOSS"}
+    args = dict(**_row_args("logits", logits), **_target_args(target), weight_ptr=_weight(options.weight, stats),
                 **_row_args("grad", grad), stats_ptr=stats, grad_scale_ptr=grad_scale, upstream_ptr=up,
-                stride_un=stride_un, stride_us=stride_us, n_rows=n * s, n_inner=s, n_cols=c,
-                ignore_index=ignore_index, smoothing=float(label_smoothing), softcap=float(softcap or 1.0))
-    flags = dict(_flags(target, weight, label_smoothing, softcap), SKIP_UNIT_UPSTREAM=skip_unit_upstream,
-                 BLOCK=block)
+                stride_un=stride_un, stride_us=stride_us, n_rows=n * s, n_inner=s, n_cols=c, **scalars)
+    flags.update(SKIP_UNIT_UPSTREAM=skip_unit_upstream, BLOCK=block)
     return Launch("backward_kernel", (n * s,), args, flags, _warps(block)), grad
 
 
-def backward(logits, target, weight, ignore_index, label_smoothing, softcap, stats, grad_scale, upstream,
-             grad_out=None, max_block=None, skip_unit_upstream=False) -> torch.Tensor:
+def backward(logits, target, options: LossOptions, stats, grad_scale, upstream, grad_out=None, max_block=None,
+             skip_unit_upstream=False) -> torch.Tensor:
     """The gradient from the logits and the forward kernel's statistics: grad_scale * upstream * dloss/dz.
 
     ``upstream`` is a () tensor (mean, sum) or of the batch shape (reduction="none"), any strides (an
@@ -285,8 +282,8 @@ def backward(logits, target, weight, ignore_index, label_smoothing, softcap, sta
     forward kernel wrote at upstream 1), rows whose upstream gradient is exactly 1 are left as they are:
     the usual ``loss.backward()`` then moves no data.
     """
-    launch, grad = plan_backward(logits, target, weight, ignore_index, label_smoothing, softcap, stats, grad_scale,
-                                 upstream, grad_out, max_block, skip_unit_upstream)
+    launch, grad = plan_backward(logits, target, options, stats, grad_scale, upstream, grad_out, max_block,
+                                 skip_unit_upstream)
     launch.run(logits.device)
     return grad
 

@@ -144,23 +144,22 @@ def plan(config: Config):
     """The :class:`celib.kernels.launch.Launch` the launcher makes for ``config``."""
     import torch
 
+    from celib._options import LossOptions
     from celib.kernels import launch
 
     x, target, weight = _tensors(config)
-    smoothing = 0.1 if "smoothing" in config.features else 0.0
-    z_loss = 1e-4 if "z_loss" in config.features else 0.0
-    softcap = 30.0 if "softcap" in config.features else None
+    options = LossOptions(weight, label_smoothing=0.1 if "smoothing" in config.features else 0.0,
+                          z_loss=1e-4 if "z_loss" in config.features else 0.0,
+                          softcap=30.0 if "softcap" in config.features else None)
     scale = torch.ones(())
     max_block = config.max_block  # None: the launcher's limit (launch.tuning())
     if config.kernel == "forward":
         with launch.tuned(two_sweeps=config.two_sweeps, programs=132):
-            planned, _ = launch.plan_forward(x, target, weight, -100, smoothing, z_loss, softcap, scale, True,
-                                             max_block=max_block)
+            planned, _ = launch.plan_forward(x, target, options, scale, True, max_block=max_block)
     else:
         stats = torch.zeros(3, x.shape[0])
         upstream = torch.ones(())
-        planned, _ = launch.plan_backward(x, target, weight, -100, smoothing, softcap, stats, scale, upstream,
-                                          max_block=max_block, skip_unit_upstream=config.skip_unit)
+        planned, _ = launch.plan_backward(x, target, options, stats, scale, upstream, max_block=max_block, skip_unit_upstream=config.skip_unit)
     return planned
 
 

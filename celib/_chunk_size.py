@@ -1,0 +1,80 @@
+"""How many rows a chunk of :func:`celib.linear_cross_entropy` holds: the chunk-size policy.
+
+Public as :func:`celib.linear.chunk_rows` and :data:`celib.linear.CHUNK_MEMORY`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from celib.errors import InputError
+
+__all__ = ["CHUNK_MEMORY", "chunk_rows"]
+
+#: The GPU the CUDA rule is derived for, an H100 SXM: dense tensor-core throughput (FLOP/s) per input
+#: dtype, and HBM3 bandwidth (bytes/s). Their ratio is the machine balance, in FLOP per byte.
+GPU_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 495e12, torch.float64: 67e12}
+GPU_BYTES_PER_S = 3.35e12
+#: The default cap, in bytes, on one chunk's logits and their float32 working copy, per device type.
+CHUNK_MEMORY = {"cuda": 2 * 2**30, "cpu": 256 * 2**20}
+#: Rows per chunk on a CPU: a quarter of the batch, at least CPU_MIN_ROWS and at most CPU_ROWS (see
+#: :func:`celib.linear.chunk_rows`).
+CPU_ROWS, CPU_MIN_ROWS = 512, 128
+
+
+def _chunk_bytes_per_row(num_classes: int, dtype: torch.dtype) -> int:
+    """Bytes one row of a chunk takes: its logits in the input's dtype, plus a float32 copy for half inputs."""
+    size = torch.finfo(dtype).bits // 8
+    return num_classes * (size + (4 if size < 4 else 0))
+
+
+def _roofline_rows(dtype: torch.dtype) -> int:
+    """The fewest rows per chunk for which every matrix product of a chunk is compute-bound on the GPU.
+
+    A chunk of n rows makes three products with the (V, H) weight: the logits (n V H multiply-adds,
+    reading W: b V H bytes), the input's gradient (the same) and the weight's gradient, accumulated in
+    float32 over the chunks: 2 n V H FLOP against reading and writing the (V, H) float32 accumulator,
+    8 V H bytes. That last one is the binding one: it is compute-bound when 2 n V H / F >= 8 V H / B,
+    that is n >= 4 F / B, four times the machine balance F / B (H100, bf16: 4 x 295 = 1181 rows).
+    Rounded up to a multiple of 128 (whole tensor-core tiles): 1280 rows for bf16 and fp16, 640 for
+    float32 (TF32), 128 for float64.
+    """
+    balance = GPU_FLOPS.get(dtype, GPU_FLOPS[torch.float32]) / GPU_BYTES_PER_S
+    rows = int(-(-4 * balance // 1))
+    return -(-rows // 128) * 128
+
+
+def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               memory: int | None = None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else the rule for the device, capped by a memory budget.
+
+    - CUDA: ``_roofline_rows`` (every product of a chunk compute-bound on an H100: 1280 rows in
+      bf16), so chunking costs no more time than the unfused products.
+    - CPU: a quarter of the batch, at least 128 and at most 512 rows (``CPU_ROWS``). A CPU's
+      matrix products are compute-bound at any of these sizes; what costs is the per-chunk work that
+      does not scale with the rows, so chunks should be large, and a quarter of the batch keeps
+      chunking worth its name for small batches (at most a quarter of the logits in memory).
+      ``benchmarks/bench_linear_ce.py`` measures the time against the unfused
+      ``F.cross_entropy(x @ W.T)`` at several chunk sizes (the README shows a run).
+
+    Either is capped so that a chunk's logits take at most ``memory`` bytes (default
+    :data:`celib.linear.CHUNK_MEMORY` for the device: 2 GiB on CUDA, 256 MiB on CPU; see
+    ``_chunk_bytes_per_row``), and is at least 1 and at most N.
+    Peak extra memory is then about one chunk, plus the float32 gradient of the weight and the
+    gradient of the input.
+    """
+    if chunk_size is not None:
+        if int(chunk_size) < 1:
+            raise InputError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
+        return int(chunk_size)
+    kind = torch.device(device).type
+    if kind == "cuda":
+        rows = _roofline_rows(dtype)
+    else:  # a quarter of the batch, between 128 and CPU_ROWS rows
+        rows = min(CPU_ROWS, max(CPU_MIN_ROWS, -(-num_rows // 4)))
+    budget = CHUNK_MEMORY.get(kind, CHUNK_MEMORY["cpu"]) if memory is None else int(memory)
+    if budget < 1:
+        raise InputError(f"the chunk memory budget must be a positive number of bytes, got {memory}.")
+    rows = min(rows, budget // _chunk_bytes_per_row(max(num_classes, 1), dtype))
+    return max(1, min(max(num_rows, 1), rows))
