@@ -6,6 +6,8 @@ import torch
 
 from celib.errors import InputError
 
+__all__ = ["BACKENDS", "check", "require_triton", "use_kernel"]
+
 #: The values of every ``backend=`` argument.
 BACKENDS = ("auto", "torch", "triton")
 
@@ -26,6 +28,12 @@ def require_triton() -> None:
     check_triton()
 
 
+def check(backend: str) -> None:
+    """Raise :class:`celib.InputError` unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}.")
+
+
 def use_kernel(backend: str, input: torch.Tensor) -> bool:
     """True when a call runs the Triton kernel: ``backend="triton"``, or ``"auto"`` on a CUDA tensor of a
     dtype the kernel takes with triton installed (``"auto"`` never picks the interpreter).
@@ -34,8 +42,7 @@ def use_kernel(backend: str, input: torch.Tensor) -> bool:
         InputError: an unknown backend, or ``"triton"`` for a dtype the kernel does not take.
         ImportError: ``"triton"`` without triton (see :func:`require_triton`).
     """
-    if backend not in BACKENDS:
-        raise InputError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}.")
+    check(backend)
     if backend == "torch":
         return False
     from celib import kernels

@@ -9,11 +9,14 @@ the gradients of ``x``, ``W`` and ``b`` (:class:`ParamGrads`). It drives
 its ``torch.compile`` ops, and ``celib.distributed``'s vocabulary-parallel
 losses.
 
-A row loss has one method, ``loss_and_grad(z, rows, scale, upstream,
-want_grad) -> loss``: :class:`TorchRowLoss` (PyTorch operations),
-:class:`TritonRowLoss` (celib's kernel) and, in :mod:`celib.distributed`, the
-shard loss whose row statistics are all-reduced over the ranks. Each reads
-what it needs of the target from ``rows``, a slice of the whole batch.
+A row loss is :class:`TorchRowLoss` (PyTorch operations), :class:`TritonRowLoss`
+(celib's kernel) or, in :mod:`celib.distributed`, the shard loss whose row
+statistics are all-reduced over the ranks. Each has the same three members:
+``options`` (its :class:`~celib._options.LossOptions`), ``raw`` (whether it
+takes the product as the matrix multiply gives it, not converted to the
+accumulation dtype and soft-capped) and ``loss_and_grad(z, rows, scale,
+upstream, want_grad) -> loss``, which reads what it needs of the target from
+``rows``, a slice of the whole batch.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from celib import _reduction
 from celib._options import LossOptions
+from celib.kernels import launch
 
 __all__ = ["ParamGrads", "TorchRowLoss", "TritonRowLoss", "WeightGrad", "accumulation_dtype", "chunked_pass",
            "row_loss"]
@@ -128,8 +132,6 @@ class TritonRowLoss:
     def loss_and_grad(self, z: torch.Tensor, rows: slice, scale: torch.Tensor, upstream: torch.Tensor | None,
                       want_grad: bool) -> torch.Tensor:
         """As :meth:`TorchRowLoss.loss_and_grad` (the loss in float32)."""
-        from celib.kernels import launch
-
         n, c = z.shape
         z3, t = z.view(n, c, 1), self.target[rows]
         # With a per-row upstream (known only in backward) the forward kernel writes no gradient and the

@@ -1,14 +1,21 @@
-"""The reductions every loss of celib shares: the weight each position keeps, the mean's denominator, and
-:func:`reduce`, written once.
+"""The reductions every loss of celib shares: the weight each position keeps, the mean's denominator and
+gradient scale (:func:`mean_scale`), and :func:`reduce`, written once.
 
-One convention for a batch in which nothing is kept (every target ``ignore_index``, an empty batch, or
-class weights that sum to 0 over the kept targets), PyTorch's: the mean is nan (0 / 0) and every gradient
-is 0.
+A mean whose denominator is 0 has PyTorch's value, the sum divided by 0: nan (0 / 0) for a batch in
+which nothing is kept (every target ``ignore_index``, or an empty batch), and +-inf or nan when class
+weights (negative ones allowed) sum to 0 over the kept targets. Its gradient is 0, as PyTorch's is when
+nothing is kept; where weights sum to 0, PyTorch's gradient is inf or nan, celib's 0.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from celib._options import LossOptions
+
+__all__ = ["grad_scale", "kept_weight", "mean_scale", "reduce"]
 
 
 def kept_weight(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
@@ -25,6 +32,24 @@ def kept_weight(target: torch.Tensor, weight: torch.Tensor | None, ignore_index:
     return weight.to(dtype)[safe] * kept
 
 
+def mean_scale(target: torch.Tensor, options: LossOptions,
+               dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(the mean's denominator, the gradient scale 1 / denominator) for ``options.reduction == "mean"``,
+    else (None, 1); () tensors in ``dtype`` on the target's device, with no host synchronisation.
+
+    The denominator is the kept weight's sum for index targets, the number of positions for probability
+    targets (N, C, d1, ...).
+    """
+    if options.reduction != "mean":
+        return None, torch.ones((), dtype=dtype, device=target.device)
+    if target.is_floating_point():
+        positions = math.prod(size for dim, size in enumerate(target.shape) if dim != 1)
+        denominator = torch.tensor(float(positions), dtype=dtype, device=target.device)
+    else:
+        denominator = kept_weight(target, options.weight, options.ignore_index, dtype).sum()
+    return denominator, grad_scale(denominator)
+
+
 def grad_scale(denominator: torch.Tensor) -> torch.Tensor:
     """``1 / denominator``, the mean's factor on every gradient row; 0 where the denominator is 0."""
     return torch.where(denominator != 0, 1 / denominator, torch.zeros_like(denominator))
@@ -32,7 +57,7 @@ def grad_scale(denominator: torch.Tensor) -> torch.Tensor:
 
 def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None = None) -> torch.Tensor:
     """``rows`` as they are (``"none"``), summed (``"sum"``), or summed and divided by ``denominator``
-    (``"mean"``): nan where it is 0, with a zero gradient (``torch.where``, not an ``inf * 0``)."""
+    (``"mean"``); where it is 0, the sum / 0 (nan or +-inf, as PyTorch) with a zero gradient."""
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -40,4 +65,4 @@ def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None 
         return total
     nonzero = denominator != 0
     safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
-    return torch.where(nonzero, total / safe, torch.full_like(total, float("nan")))
+    return torch.where(nonzero, total / safe, (total / denominator).detach())

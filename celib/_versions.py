@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import re
 
+__all__ = ["MIN_TORCH", "MIN_TRITON", "TRITON_INTERPRETER_NUMPY_2_4", "check_interpreter", "check_torch",
+           "check_triton", "parse", "require"]
+
 MIN_TORCH = (2, 9)
 MIN_TRITON = (3, 6)
 #: The first Triton whose interpreter runs with NumPy >= 2.4.

@@ -8,6 +8,8 @@ import torch
 
 from celib.errors import InputError
 
+__all__ = ["Finding", "diagnose"]
+
 
 @dataclass(frozen=True)
 class Finding:

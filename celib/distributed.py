@@ -126,15 +126,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         one = torch.ones((), dtype=z.dtype, device=z.device)
         loss = _ShardRowLoss(options, target, offset, num_classes, group, lse).loss_and_grad(
             z, slice(None), one, None, False)
-        den = _reduction.kept_weight(target, None, options.ignore_index, z.dtype).sum()
-        ctx.save_for_backward(local_logits, target, lse, den)
+        den, scale = _reduction.mean_scale(target, options, z.dtype)
+        ctx.save_for_backward(local_logits, target, lse, scale)
         ctx.options, ctx.offset, ctx.num_classes = options, offset, num_classes
         return _reduction.reduce(loss, options.reduction, den).to(local_logits.dtype)  # all ignored: nan
 
     @staticmethod
     def backward(ctx, grad_out):
-        local_logits, target, lse, den = ctx.saved_tensors
-        scale = _reduction.grad_scale(den) if ctx.options.reduction == "mean" else torch.ones_like(den)
+        local_logits, target, lse, scale = ctx.saved_tensors
         z = local_logits.to(lse.dtype, copy=True)  # overwritten by the gradient
         shard = _ShardRowLoss(ctx.options, target, ctx.offset, ctx.num_classes, None, lse, lse_known=True)
         shard.loss_and_grad(z, slice(None), scale, grad_out.to(lse.dtype).expand(lse.shape), True)
@@ -188,13 +187,12 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     celib._chunks' loop (gradients formed in forward for mean and sum, recomputed for none)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, target, options: LossOptions, offset, num_classes, rows, group):
+    def forward(ctx, x, w, b, target, options: LossOptions, offset, num_classes, rows, group, grad_enabled):
         acc = _chunks.accumulation_dtype(x)
-        den = _reduction.kept_weight(target, None, options.ignore_index, acc).sum()
-        scale = _reduction.grad_scale(den) if options.reduction == "mean" else torch.ones_like(den)
+        den, scale = _reduction.mean_scale(target, options, acc)
         lse = torch.empty(x.shape[0], dtype=acc, device=x.device)
         losses = torch.empty(x.shape[0], dtype=acc, device=x.device)
-        need = tuple(ctx.needs_input_grad[:3])
+        need = tuple(grad_enabled and n for n in ctx.needs_input_grad[:3])  # (forward runs without grad mode)
         # The upstream gradient is a scalar: form the gradients now (dX in acc: all-reduced in backward).
         grads = _chunks.ParamGrads(x, w, acc, need, input_dtype=acc) if options.reduction != "none" and any(
             need) else None
@@ -221,7 +219,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         if gx is not None:  # every rank holds a part of dX = sum over shards of G_r W_r: N x H numbers
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=ctx.group)
             gx = gx.to(x.dtype)
-        return gx, gw, gb, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -268,21 +266,10 @@ def vocab_parallel_linear_cross_entropy(
         InputError: on every rank alike (each checks the same gathered sizes, shapes and targets):
             a target outside [0, V), shapes that do not fit, bad options.
     """
-    validate.check_floating("input", input)
-    validate.check_floating("weight_shard", weight_shard)
-    if input.dim() != 2 or weight_shard.dim() != 2:
-        raise InputError(f"input must be (N, H) and weight_shard (V_r, H); got {tuple(input.shape)} and "
-                         f"{tuple(weight_shard.shape)}.")
-    if input.shape[1] != weight_shard.shape[1]:
-        raise InputError(f"input's hidden size {input.shape[1]} does not match weight_shard of shape "
-                         f"{tuple(weight_shard.shape)}.")
-    if input.dtype != weight_shard.dtype:
-        raise InputError(f"input is {input.dtype} but weight_shard is {weight_shard.dtype}; cast one of them.")
-    if bias_shard is not None and tuple(bias_shard.shape) != (weight_shard.shape[0],):
-        raise InputError(f"bias_shard must have shape ({weight_shard.shape[0]},), one entry per row of "
-                         f"weight_shard; got {tuple(bias_shard.shape)}.")
+    validate.check_output_layer(input, weight_shard, bias_shard, names=("weight_shard", "bias_shard"),
+                                sequences=False)
     options, offset, num_classes = _check_and_locate(target, input, "input", weight_shard.shape[0], group,
                                                      ignore_index, reduction, label_smoothing, z_loss)
     rows = chunk_rows(input.shape[0], weight_shard.shape[0], chunk_size, dtype=input.dtype, device=input.device)
     return _VocabParallelLinearCrossEntropy.apply(input, weight_shard, bias_shard, target.long(), options, offset,
-                                                  num_classes, rows, group)
+                                                  num_classes, rows, group, torch.is_grad_enabled())

@@ -1,5 +1,7 @@
 """The one exception type celib raises for bad input."""
 
+__all__ = ["InputError"]
+
 
 class InputError(ValueError):
     """An argument to a celib function is invalid.

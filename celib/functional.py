@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from celib import _backend, _reduction, kernels, validate
 from celib.errors import InputError
 
+__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy", "focal_loss",
+           "kl_div", "nll_loss", "sigmoid_focal_loss"]
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -115,16 +118,14 @@ def cross_entropy(
     reduction = validate.legacy_reduction(size_average, reduce, reduction)
     options = validate.cross_entropy_options(input, target, weight, ignore_index, reduction, label_smoothing,
                                              z_loss, softcap)
+    index_target = validate.is_index_target(target)
+    if index_target and check_inputs:
+        validate.check_target_range(target, validate.num_classes(input), ignore_index)
     if _backend.use_kernel(backend, input):
         return kernels._cross_entropy(input, target, options, return_lse=return_lse,
-                                      inplace_backward=inplace_backward, loss_dtype=loss_dtype,
-                                      check_inputs=check_inputs)
-    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    if validate.is_index_target(target):
-        if check_inputs:
-            validate.check_target_range(target, num_classes, ignore_index)
-        if target.dtype != torch.int64:
-            target = target.long()
+                                      inplace_backward=inplace_backward, loss_dtype=loss_dtype)
+    if index_target and target.dtype != torch.int64:
+        target = target.long()
     if loss_dtype is not None and loss_dtype.is_floating_point and torch.finfo(loss_dtype).bits > torch.finfo(
             input.dtype).bits:
         input = input.to(loss_dtype)  # computed in loss_dtype, as the kernel computes in float32
@@ -187,8 +188,7 @@ def nll_loss(
     """
     reduction = validate.legacy_reduction(size_average, reduce, reduction)
     validate.check_classification_args(input, target, weight, reduction, allow_probabilities=False)
-    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    validate.check_target_range(target, num_classes, ignore_index)
+    validate.check_target_range(target, validate.num_classes(input), ignore_index)
     return F.nll_loss(input, target.long(), weight, ignore_index=ignore_index, reduction=reduction)
 
 

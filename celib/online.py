@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+__all__ = ["StreamTrace", "streaming_cross_entropy", "streaming_logsumexp"]
+
 
 @dataclass
 class StreamTrace:

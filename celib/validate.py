@@ -14,6 +14,11 @@ import torch
 from celib._options import LossOptions
 from celib.errors import InputError
 
+__all__ = ["REDUCTIONS", "check_class_weight", "check_classification_args", "check_extras", "check_floating",
+           "check_label_smoothing", "check_output_layer", "check_probabilities", "check_reduction",
+           "check_same_shape", "check_target_range", "cross_entropy_options", "index_target_shape",
+           "is_index_target", "legacy_reduction", "loss_options", "num_classes"]
+
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -71,6 +76,11 @@ def is_index_target(target: torch.Tensor) -> bool:
     return not target.is_floating_point() and target.dtype != torch.bool
 
 
+def num_classes(input: torch.Tensor) -> int:
+    """C of logits (C,), (N, C) or (N, C, d1, ..., dk): the class dimension is dim 1 (dim 0 for 1-D)."""
+    return input.shape[0] if input.dim() == 1 else input.shape[1]
+
+
 def index_target_shape(input: torch.Tensor) -> tuple[int, ...]:
     """Shape a class-index target must have for logits of shape ``input.shape``.
 
@@ -108,7 +118,7 @@ def check_classification_args(
     check_reduction(reduction)
     if input.dim() == 0:
         raise InputError("input must have a class dimension: shape (C,), (N, C) or (N, C, d1, ..., dk); got a 0-dim tensor.")
-    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    classes = num_classes(input)
     if target.device != input.device:
         raise InputError(f"target is on {target.device} but input is on {input.device}; move it with target.to(input.device).")
     if target.is_floating_point():
@@ -147,7 +157,45 @@ def check_classification_args(
                 f"class-index target shape {tuple(target.shape)} does not fit input shape {tuple(input.shape)}: "
                 f"expected {expected} (the input's shape without its class dimension, dim {0 if input.dim() == 1 else 1}).{hint}"
             )
-    check_class_weight(weight, num_classes, input)
+    check_class_weight(weight, classes, input)
+
+
+def check_output_layer(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                       names: tuple[str, str] = ("linear_weight", "linear_bias"),
+                       sequences: bool = True) -> None:
+    """Checks of an output layer's operands (no data is read): hidden states ``input``, (N, H) or, with
+    ``sequences``, (B, T, H); its ``weight`` (V, H) and optional ``bias`` (V,), floating point, of the
+    input's dtype and on its device. ``names`` are the weight's and the bias's argument names."""
+    w_name, b_name = names
+    check_floating("input", input)
+    if isinstance(weight, torch.nn.Module):
+        raise InputError(f"{w_name} must be the output layer's weight tensor, got a {type(weight).__name__} "
+                         f"module; pass its .weight (and .bias as {b_name}).")
+    check_floating(w_name, weight)
+    if input.dim() not in ((2, 3) if sequences else (2,)):
+        shapes = "(N, H) or (B, T, H)" if sequences else "(N, H)"
+        raise InputError(f"input must be {shapes} hidden states, got shape {tuple(input.shape)}.")
+    if weight.dim() != 2:
+        raise InputError(f"{w_name} must be (V, H) (as nn.Linear(H, V).weight), got shape {tuple(weight.shape)}.")
+    vocab, hidden = weight.shape
+    if input.shape[-1] != hidden:
+        transposed = f" It looks transposed: pass {w_name}.T." if vocab == input.shape[-1] else ""
+        raise InputError(f"input's hidden size {input.shape[-1]} does not match {w_name} of shape "
+                         f"{tuple(weight.shape)}, which expects H = {hidden}.{transposed}")
+    operands = [(w_name, weight)]
+    if bias is not None:
+        check_floating(b_name, bias)
+        if tuple(bias.shape) != (vocab,):
+            raise InputError(f"{b_name} must have shape ({vocab},), one entry per row of {w_name}; got "
+                             f"{tuple(bias.shape)}.")
+        operands.append((b_name, bias))
+    for name, t in operands:
+        if t.dtype != input.dtype:
+            raise InputError(f"input is {input.dtype} but {name} is {t.dtype}; cast one of them "
+                             f"(e.g. {name}.to(input.dtype)).")
+        if t.device != input.device:
+            raise InputError(f"{name} is on {t.device} but input is on {input.device}; move it with "
+                             f".to(input.device).")
 
 
 def check_label_smoothing(label_smoothing: float) -> None:

@@ -266,6 +266,40 @@ def scenario_linear_errors_on_every_rank(rank: int, world: int) -> None:
     dist.barrier()  # every rank got here: none is waiting in a collective
 
 
+def scenario_linear_without_gradients(rank: int, world: int) -> None:
+    """Under torch.no_grad the forward forms no gradient (no accumulator is built), and the loss is the same."""
+    from unittest import mock
+
+    from celib import _chunks
+    from celib.distributed import vocab_parallel_linear_cross_entropy
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(_shards(world, 11)[rank], 4, requires_grad=True)
+    t = torch.tensor([0, 3, 10, 5, -100, 7])
+    with mock.patch.object(_chunks, "ParamGrads", wraps=_chunks.ParamGrads) as built:
+        with torch.no_grad():
+            quiet = vocab_parallel_linear_cross_entropy(x, w, t, chunk_size=4)
+        assert built.call_count == 0
+        loud = vocab_parallel_linear_cross_entropy(x, w, t, chunk_size=4)
+        assert built.call_count == 1
+    assert torch.equal(quiet, loud.detach())
+
+
+def scenario_linear_errors_of_the_output_layer(rank: int, world: int) -> None:
+    """A bias of another dtype is named, as the weight is (not a RuntimeError from the matrix product)."""
+    import celib
+    from celib.distributed import vocab_parallel_linear_cross_entropy
+
+    local = _shards(world, 12)[rank]
+    x, w = torch.randn(3, 4), torch.randn(local, 4)
+    with pytest.raises(celib.InputError, match="bias_shard must be a floating-point tensor"):
+        vocab_parallel_linear_cross_entropy(x, w, torch.tensor([0, 1, 1]), bias_shard=torch.arange(local))
+    with pytest.raises(celib.InputError, match="bias_shard is torch.float64"):
+        vocab_parallel_linear_cross_entropy(x, w, torch.tensor([0, 1, 1]), bias_shard=torch.zeros(local).double())
+    dist.barrier()
+
+
 def scenario_linear_communication_volume(rank: int, world: int) -> None:
     """Per chunk of n rows all-reduces of n and 3 n numbers; backward one all-reduce of dX, N x H numbers."""
     from celib.distributed import vocab_parallel_linear_cross_entropy
@@ -298,7 +332,7 @@ def outcomes(request) -> dict[int, dict[str, str]]:
 
 
 def test_every_scenario_is_collected():
-    assert len(SCENARIOS) == 10
+    assert len(SCENARIOS) == 12
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

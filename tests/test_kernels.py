@@ -202,6 +202,24 @@ def test_inplace_backward_writes_the_gradient_over_the_logits():
     assert logits.data_ptr() == storage
 
 
+def test_without_gradients_the_forward_writes_no_gradient(monkeypatch):
+    """Under torch.no_grad (evaluation) the forward computes no gradient, so inplace_backward leaves the
+    logits as they are; the loss is the same."""
+    from celib.kernels import launch
+
+    asked = []
+    forward = launch.forward
+    monkeypatch.setattr(launch, "forward", lambda *a, **k: asked.append(a[4]) or forward(*a, **k))
+    logits = torch.randn(5, 40, requires_grad=True)
+    t = torch.randint(0, 40, (5,))
+    before = logits.detach().clone()
+    with torch.no_grad():
+        quiet = fused(logits, t, inplace_backward=True)
+    assert asked == [False] and torch.equal(logits.detach(), before)
+    loud = fused(logits, t)
+    assert asked == [False, True] and torch.equal(quiet, loud.detach())
+
+
 # ---------------------------------------------------------------------------------------------- half precision
 
 

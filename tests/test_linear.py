@@ -269,6 +269,8 @@ def test_bad_input_names_the_fix():
         celib.linear_cross_entropy(x, w, torch.full_like(t, V))
     with pytest.raises(celib.InputError, match="cast one of them"):
         celib.linear_cross_entropy(x.float(), w, t)
+    with pytest.raises(celib.InputError, match="linear_bias is torch.float32"):  # not the product's RuntimeError
+        celib.linear_cross_entropy(x, w, t, linear_bias=b.float())
     with pytest.raises(celib.InputError, match="class indices"):
         celib.linear_cross_entropy(x, w, torch.rand(len(t), V, dtype=torch.float64))
     with pytest.raises(celib.InputError, match=r"expected \(17,\)"):
@@ -297,3 +299,22 @@ def test_module_has_every_option_of_the_function():
     expected = celib.linear_cross_entropy(x.bfloat16(), w.bfloat16(), t, chunk_memory=10**6,
                                           loss_dtype=torch.float32)
     assert loss.dtype == torch.float32 and torch.equal(loss, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_without_gradients_no_gradient_is_formed(backend, monkeypatch):
+    """Under torch.no_grad (evaluation) the chunks form no gradient: one matrix product, not three."""
+    from unittest import mock
+
+    from celib import _chunks
+
+    if backend == "triton" and not kernels.available():
+        pytest.skip("triton is not installed")
+    x, w, b, t = (v.requires_grad_(True) if v.is_floating_point() else v for v in _inputs(dtype=torch.float32))
+    with mock.patch.object(_chunks, "ParamGrads", wraps=_chunks.ParamGrads) as built:
+        with torch.no_grad():
+            quiet = celib.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=4, backend=backend)
+        assert built.call_count == 0
+        loud = celib.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=4, backend=backend)
+        assert built.call_count == 1
+    assert torch.equal(quiet, loud.detach())

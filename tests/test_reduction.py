@@ -7,6 +7,7 @@ import torch
 
 import celib
 from celib import _reduction, kernels
+from celib._options import LossOptions
 from tests.cases import fused
 
 
@@ -22,9 +23,24 @@ def test_kept_weight_denominator_and_reduce():
     assert _reduction.reduce(rows, "mean", torch.tensor(4.0)).item() == 1.5
     assert _reduction.grad_scale(torch.tensor(4.0)).item() == 0.25
     assert _reduction.grad_scale(torch.tensor(0.0)).item() == 0.0
-    nan = _reduction.reduce(rows, "mean", torch.tensor(0.0))
+    inf = _reduction.reduce(rows, "mean", torch.tensor(0.0))  # the sum / 0, as PyTorch
+    inf.backward()
+    assert inf.item() == float("inf") and torch.equal(rows.grad, torch.zeros(3))  # with a zero gradient
+    nothing = torch.zeros(3, requires_grad=True)  # nothing kept: every row 0
+    nan = _reduction.reduce(nothing, "mean", torch.tensor(0.0))
     nan.backward()
-    assert torch.isnan(nan) and torch.equal(rows.grad, torch.zeros(3))  # nan, with a zero gradient
+    assert torch.isnan(nan) and torch.equal(nothing.grad, torch.zeros(3))
+
+
+def test_mean_scale_counts_kept_weight_or_positions():
+    t = torch.tensor([0, 2, -100, 1])
+    options = LossOptions(torch.tensor([0.5, -1.0, 2.0]))
+    den, scale = _reduction.mean_scale(t, options, torch.float64)
+    assert den.item() == 1.5 and scale.item() == 1 / 1.5
+    probabilities = torch.rand(3, 4, 5)  # (N, C, S): 15 positions
+    den, scale = _reduction.mean_scale(probabilities, LossOptions(), torch.float32)
+    assert den.item() == 15.0 and scale.item() == torch.tensor(1 / 15).item()
+    assert _reduction.mean_scale(t, LossOptions(reduction="sum"), torch.float32) == (None, 1.0)
 
 
 def _kernel_paths():
@@ -58,3 +74,28 @@ def test_nothing_kept_gives_a_nan_mean_and_zero_gradients_on_every_path(path, ro
     assert torch.equal(x.grad, torch.zeros_like(x)), path
     theirs = torch.nn.functional.cross_entropy(x.detach(), t)  # PyTorch's convention
     assert torch.isnan(theirs)
+
+
+def _weighted_paths():
+    paths = {
+        "cross_entropy, torch": lambda x, t, w: celib.cross_entropy(x, t, w, backend="torch"),
+        "linear_cross_entropy, torch": lambda x, t, w: celib.linear_cross_entropy(
+            x, torch.eye(3), t, weight=w, chunk_size=1, backend="torch"),
+    }
+    if kernels.available():
+        paths.update({
+            "cross_entropy, kernel": lambda x, t, w: fused(x, t, weight=w),
+            "linear_cross_entropy, kernel": lambda x, t, w: celib.linear_cross_entropy(
+                x, torch.eye(3), t, weight=w, chunk_size=1, backend="triton"),
+        })
+    return paths
+
+
+@pytest.mark.parametrize("path", list(_weighted_paths()))
+def test_class_weights_summing_to_zero_give_pytorchs_mean(path):
+    """The kept targets' weights sum to 0: the mean is PyTorch's, the sum / 0 (here -inf), on every path."""
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    t, w = torch.tensor([0, 1]), torch.tensor([1.0, -1.0, 0.5])
+    theirs = torch.nn.functional.cross_entropy(x.detach(), t, w)
+    ours = _weighted_paths()[path](x, t, w)
+    assert theirs.item() == float("-inf") and torch.equal(ours.detach(), theirs), path

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+__all__ = ["Split", "digits"]
+
 
 @dataclass(frozen=True)
 class Split:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+__all__ = ["Reliability", "per_class_recall", "reliability"]
+
 
 @dataclass(frozen=True)
 class Reliability:

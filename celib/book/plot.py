@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["COLORS", "PALETTE", "STYLE", "figure", "use_style"]
+
 #: Colours by role, used consistently across chapters.
 COLORS: dict[str, str] = {
     "ce": "#1f5fa8",       # cross-entropy / celib / the correct thing

@@ -16,6 +16,8 @@ import json
 import pathlib
 import re
 
+__all__ = ["blocks", "run"]
+
 _FENCE = re.compile(r"```python\n(.*?)```", re.S)
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+__all__ = ["History", "accuracy", "fit", "linear_model", "predict", "predict_proba"]
+
 
 @dataclass
 class History:

@@ -14,6 +14,8 @@ import numpy as np
 
 from celib import ref
 
+__all__ = ["MARKED", "penalty_of_confidence_html"]
+
 #: Points marked on the penalty curve (predicted probability of the true class).
 MARKED = (0.99, 0.6, 0.1, 0.01)
 

@@ -51,27 +51,25 @@ def available() -> bool:
     return _TRITON
 
 
-def _cross_entropy(input, target, options: LossOptions, *, return_lse, inplace_backward, loss_dtype,
-                   check_inputs):
-    """The kernel's path of :func:`celib.cross_entropy`, whose arguments it takes already checked.
+def _cross_entropy(input, target, options: LossOptions, *, return_lse, inplace_backward, loss_dtype):
+    """The kernel's path of :func:`celib.cross_entropy`, whose arguments (the target's values included,
+    when asked) it takes already checked.
 
     Rows up to the one-block limit (``launch.block_size``: ``launch.tuning().max_block``, capped lower for
-    probability targets and soft-capping) are read once, longer rows twice.
-    With ``check_inputs`` a class index outside [0, C-1] raises :class:`celib.InputError` (one host
-    synchronisation); without it the call never synchronises, and such a row's loss and gradient are
-    nan (never a finite wrong number, never a read outside the row).
+    probability targets and soft-capping) are read once, longer rows twice. A class index outside
+    [0, C-1] (possible only with ``check_inputs=False``) gives its row a nan loss and gradient (never a
+    finite wrong number, never a read outside the row). Without gradients (``torch.no_grad()``, or
+    logits that do not require them) the forward computes none and never writes over the logits.
     """
-    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if validate.is_index_target(target):
-        if check_inputs:
-            validate.check_target_range(target, num_classes, options.ignore_index)
         if target.dtype not in (torch.int32, torch.int64):
             target = target.long()
     elif target.dtype != input.dtype and target.dtype not in DTYPES:
         target = target.to(input.dtype)
     if options.weight is not None:
         options = options.replace(weight=options.weight.to(device=input.device))
-    block = launch.tuning().max_block  # fixed now: backward may run after a launch.tuned() block has ended
+    # The one-block limit in force now, kept for backward, which may run after a launch.tuned() block ends.
+    block = launch.tuning().max_block
     batch_shape = validate.index_target_shape(input)
     if torch.compiler.is_compiling():  # one opaque op (see celib.kernels.autograd)
         if inplace_backward:
@@ -82,6 +80,7 @@ def _cross_entropy(input, target, options: LossOptions, *, return_lse, inplace_b
         loss = loss.view(batch_shape) if options.reduction == "none" else loss
         lse = lse.view(batch_shape).detach()
     else:
-        loss, lse = autograd.CrossEntropyFunction.apply(input, target, options, inplace_backward, block)
+        loss, lse = autograd.CrossEntropyFunction.apply(input, target, options, inplace_backward, block,
+                                                        torch.is_grad_enabled())
     loss = loss.to(loss_dtype or input.dtype)
     return (loss, lse) if return_lse else loss

@@ -28,6 +28,8 @@ import torch
 
 from celib.errors import InputError
 
+__all__ = ["check_device", "interpreted", "kernel_module", "prefer_interpreter_without_gpu", "quiet"]
+
 
 def prefer_interpreter_without_gpu() -> None:
     """Ask Triton for its interpreter on a machine without a GPU, if triton is not imported yet."""
@@ -36,7 +38,7 @@ def prefer_interpreter_without_gpu() -> None:
 
 
 @lru_cache(maxsize=None)
-def kernels():
+def kernel_module():
     """The module of Triton kernels, compiled or interpreted as Triton was imported; under the interpreter
     checked against NumPy (:func:`celib._versions.check_interpreter`)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -56,7 +58,7 @@ def interpreted() -> bool:
     """True when the kernels run under Triton's interpreter (on the CPU)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(kernels().forward_kernel, InterpretedFunction)
+    return isinstance(kernel_module().forward_kernel, InterpretedFunction)
 
 
 def quiet(device: torch.device):

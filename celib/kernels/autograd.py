@@ -34,23 +34,13 @@ from celib import _reduction, validate
 from celib._options import LossOptions
 from celib.kernels import launch
 
-
-def _denominator(x3, t, options: LossOptions) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The mean's denominator (on the device; no host sync) and the gradient scale 1/denominator (or 1)."""
-    n, _, s = x3.shape
-    if options.reduction != "mean":
-        return None, torch.ones((), dtype=torch.float32, device=x3.device)
-    if t.is_floating_point():
-        denominator = torch.tensor(float(n * s), dtype=torch.float32, device=x3.device)
-    else:
-        denominator = _reduction.kept_weight(t, options.weight, options.ignore_index, torch.float32).sum()
-    return denominator, _reduction.grad_scale(denominator)
+__all__ = ["CrossEntropyFunction", "cross_entropy_backward_op", "cross_entropy_op"]
 
 
 def _forward(x3, t, options: LossOptions, max_block: int, compute_grad: bool = False,
              grad_out: torch.Tensor | None = None) -> tuple[torch.Tensor, launch.Forward, torch.Tensor]:
     """The forward of both entry points: (reduced float32 loss, the launch's outputs, gradient scale)."""
-    denominator, grad_scale = _denominator(x3, t, options)
+    denominator, grad_scale = _reduction.mean_scale(t, options, torch.float32)
     out = launch.forward(x3, t, options, grad_scale, compute_grad, grad_out=grad_out, max_block=max_block)
     return _reduction.reduce(out.loss, options.reduction, denominator), out, grad_scale
 
@@ -59,10 +49,11 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Eager autograd around the kernels: loss and per-row lse forward; gradient as the module docstring says."""
 
     @staticmethod
-    def forward(ctx, logits, target, options: LossOptions, inplace_backward: bool, max_block: int):
+    def forward(ctx, logits, target, options: LossOptions, inplace_backward: bool, max_block: int,
+                grad_enabled: bool):
         x = launch.as_rows(logits)
         t = launch.as_rows(target) if target.is_floating_point() else target.reshape(-1)
-        compute_grad = ctx.needs_input_grad[0]
+        compute_grad = grad_enabled and ctx.needs_input_grad[0]  # (forward itself runs without grad mode)
         in_place = inplace_backward and compute_grad  # write the gradient over the logits' storage
         loss, out, grad_scale = _forward(x.detach(), t, options, max_block, compute_grad,
                                          grad_out=x.detach() if in_place else None)
@@ -94,7 +85,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad = launch.backward(x, t, options, stats, grad_scale, grad_loss,
                                    grad_out=x if in_place else None, max_block=max_block)
         ctx.backward_done = True
-        return grad.reshape(ctx.input_shape), None, None, None, None
+        return grad.reshape(ctx.input_shape), None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------- torch.compile

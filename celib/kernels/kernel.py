@@ -61,6 +61,8 @@ row's loss and gradient are nan, never a finite wrong number.
 import triton
 import triton.language as tl
 
+__all__ = ["LOG2E", "backward_kernel", "forward_kernel", "row_offset", "scale_kernel"]
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
@@ -110,33 +112,40 @@ def _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_co
 
 
 @triton.jit
-def _target(x_row, target_ptr, weight_ptr, row, stride_tn, stride_lc, ignore_index, n_cols, smoothing, softcap,
-            PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-            HAS_SOFTCAP: tl.constexpr):
-    """(target class, kept, valid, z_t, c_t) of a row: c_t = (1 - a) w_t is the factor of the target's own
-    term; z_t its logit, one scalar load, done only for a class inside the row. ``valid`` is False for a
-    kept index outside [0, C-1]. Probability targets: (-1, True, True, 0, 0)."""
+def _target(target_ptr, weight_ptr, row, stride_tn, ignore_index, n_cols, smoothing,
+            PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """(target class, kept, valid, c_t) of a row: c_t = (1 - a) w_t is the factor of the target's own
+    term. ``valid`` is False for a kept index outside [0, C-1]. Probability targets: (-1, True, True, 0)."""
     if PROB_TARGET:
         target = -1
         kept = True
         valid = True
-        z_t = 0.0
         c_t = 0.0
     else:
         t64 = tl.load(target_ptr + row * stride_tn).to(tl.int64)
         kept = t64 != ignore_index
         valid = (t64 >= 0) & (t64 < n_cols)  # never read outside the row, whatever the target
         target = t64.to(tl.int32)  # compared with 32-bit column offsets
-        z_t = tl.load(x_row + target * stride_lc, mask=valid & kept, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            z_t = _softcap(z_t, softcap)
         c_t = 1.0
         if HAS_WEIGHT:
             c_t = tl.load(weight_ptr + target, mask=valid & kept, other=0.0).to(tl.float32)
         if HAS_SMOOTHING:
             c_t = (1.0 - smoothing) * c_t
         valid = valid | ~kept
-    return target, kept, valid, z_t, c_t
+    return target, kept, valid, c_t
+
+
+@triton.jit
+def _target_logit(x_row, target, kept, valid, stride_lc, softcap, PROB_TARGET: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr):
+    """The target's logit z_t (soft-capped), one scalar load, only for a kept class inside the row
+    (0 for probability targets)."""
+    z_t = 0.0
+    if not PROB_TARGET:
+        z_t = tl.load(x_row + target * stride_lc, mask=valid & kept, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z_t = _softcap(z_t, softcap)
+    return z_t
 
 
 @triton.jit
@@ -241,13 +250,13 @@ def _forward_row(
     x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
     q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
     cols = tl.arange(0, BLOCK)
-    target, kept, valid, z_t, c_t = _target(
-        x_row, target_ptr, weight_ptr, row, stride_tn, stride_lc,
-        ignore_index, n_cols, smoothing, softcap,
-        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-    # sums over the per-class factors w (HAS_CLASS_MASS: probability
-    # targets or smoothing): sum w, sum w (z - m) over finite z, and
-    # the counts of -inf logits with w > 0 and w < 0 (terms of +-inf)
+    target, kept, valid, c_t = _target(
+        target_ptr, weight_ptr, row, stride_tn, ignore_index, n_cols,
+        smoothing, PROB_TARGET=PROB_TARGET, HAS_WEIGHT=HAS_WEIGHT,
+        HAS_SMOOTHING=HAS_SMOOTHING)
+    z_t = _target_logit(x_row, target, kept, valid, stride_lc, softcap,
+                        PROB_TARGET=PROB_TARGET, HAS_SOFTCAP=HAS_SOFTCAP)
+    # the row's sums over the per-class factors w (see _sums)
     sum_w = 0.0
     sum_wz = 0.0
     n_pos = 0.0
@@ -371,16 +380,18 @@ def forward_kernel(
                          grad_ptr, stride_gn, stride_gs, stride_gc,
                          loss_ptr, lse_ptr, stats_ptr, grad_scale_ptr,
                          n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
-                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
-                         HAS_CLASS_MASS, COMPUTE_GRAD, BLOCK, SINGLE_BLOCK, TWO_SWEEPS)
+                         PROB_TARGET=PROB_TARGET, HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING,
+                         HAS_Z_LOSS=HAS_Z_LOSS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_CLASS_MASS=HAS_CLASS_MASS,
+                         COMPUTE_GRAD=COMPUTE_GRAD, BLOCK=BLOCK, SINGLE_BLOCK=SINGLE_BLOCK, TWO_SWEEPS=TWO_SWEEPS)
     else:
         _forward_row(tl.program_id(0).to(tl.int64), logits_ptr, stride_ln, stride_ls, stride_lc,
                      target_ptr, stride_tn, stride_ts, stride_tc, weight_ptr,
                      grad_ptr, stride_gn, stride_gs, stride_gc,
                      loss_ptr, lse_ptr, stats_ptr, grad_scale_ptr,
                      n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
-                     PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
-                     HAS_CLASS_MASS, COMPUTE_GRAD, BLOCK, SINGLE_BLOCK, TWO_SWEEPS)
+                     PROB_TARGET=PROB_TARGET, HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING,
+                     HAS_Z_LOSS=HAS_Z_LOSS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_CLASS_MASS=HAS_CLASS_MASS,
+                     COMPUTE_GRAD=COMPUTE_GRAD, BLOCK=BLOCK, SINGLE_BLOCK=SINGLE_BLOCK, TWO_SWEEPS=TWO_SWEEPS)
 
 
 @triton.jit
@@ -410,20 +421,8 @@ def backward_kernel(
         x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
         q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
         g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
-        if PROB_TARGET:
-            target = -1
-            kept = True
-            c_t = 0.0
-        else:
-            t64 = tl.load(target_ptr + row * stride_tn).to(tl.int64)
-            kept = t64 != ignore_index
-            target = t64.to(tl.int32)
-            c_t = 1.0
-            if HAS_WEIGHT:
-                valid = (t64 >= 0) & (t64 < n_cols)
-                c_t = tl.load(weight_ptr + target, mask=valid & kept, other=0.0).to(tl.float32)
-            if HAS_SMOOTHING:
-                c_t = (1.0 - smoothing) * c_t
+        target, kept, _, c_t = _target(target_ptr, weight_ptr, row, stride_tn, ignore_index, n_cols, smoothing,
+                                       PROB_TARGET=PROB_TARGET, HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING)
         m = tl.load(stats_ptr + row)
         log_d = tl.load(stats_ptr + n_rows + row)
         scale = tl.where(kept, tl.load(grad_scale_ptr) * up, 0.0)

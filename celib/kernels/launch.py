@@ -1,7 +1,7 @@
 """Host side of the kernels: shapes, strides, launch configurations, and the three launches.
 
 Internal to ``celib.kernels``: the names in ``__all__`` are the ones its autograd
-Function, :mod:`celib.linear`, the tools in :mod:`celib.kernels.tools`, the GPU
+Function, the chunk engine (:mod:`celib._chunks`), the tools in :mod:`celib.kernels.tools`, the GPU
 benchmark and chapter 5 use; :class:`Tuning` and :func:`tuned` are documented in
 the API reference.
 """
@@ -84,11 +84,12 @@ def tuned(**changes) -> Iterator[Tuning]:
         _tuning = before
 
 
-def max_block_for(probability_target: bool, softcap: bool) -> int:
-    """The largest block for a call: the one-block limit (:data:`MAX_BLOCK` unless :func:`tuned`), or
-    at most :data:`MAX_BLOCK_HEAVY` with probability targets or soft-capping, which keep more values live
-    (with every option on, a 16384 block at 16 warps spills on sm_100a: the compile table)."""
-    limit = _tuning.max_block
+def max_block_for(probability_target: bool, softcap: bool, limit: int | None = None) -> int:
+    """The largest block for a call: the one-block limit ``limit`` (None: :data:`MAX_BLOCK` unless
+    :func:`tuned`), or at most :data:`MAX_BLOCK_HEAVY` with probability targets or soft-capping, which
+    keep more values live (with every option on, a 16384 block at 16 warps spills on sm_100a: the
+    compile table)."""
+    limit = limit or _tuning.max_block
     return min(limit, MAX_BLOCK_HEAVY) if probability_target or softcap else limit
 
 
@@ -129,10 +130,9 @@ def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
 
 def block_size(num_classes: int, max_block: int | None = None, *, probability_target: bool = False,
                softcap: bool = False) -> int:
-    """Power-of-two block: the whole row if it fits in ``max_block`` (capped by :func:`max_block_for`
-    for the call's options; None: that cap alone), else that cap."""
-    max_block = max_block or _tuning.max_block
-    return min(_next_power_of_2(num_classes), max_block, max_block_for(probability_target, softcap))
+    """Power-of-two block: the whole row if it fits in :func:`max_block_for` the call's options and the
+    one-block limit ``max_block`` (None: the one in force), else that cap."""
+    return min(_next_power_of_2(num_classes), max_block_for(probability_target, softcap, max_block))
 
 
 def _next_power_of_2(n: int) -> int:
@@ -178,7 +178,7 @@ class Launch:
     def run(self, device: torch.device) -> None:
         if self.grid[0]:
             with _mode.quiet(device):
-                fn = getattr(_mode.kernels(), self.kernel)
+                fn = getattr(_mode.kernel_module(), self.kernel)
                 fn[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps)
 
 

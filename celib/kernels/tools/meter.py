@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+__all__ = ["Traffic", "measure"]
+
 # Operators that move no tensor data: views, allocations, metadata.
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
                "view", "_unsafe_view", "reshape", "as_strided", "expand", "t", "transpose", "permute", "squeeze",

@@ -50,6 +50,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+__all__ = ["ARCHS", "BYTES_PER_LOGIT", "Config", "FEATURE_SETS", "HEADER", "Resources", "budget",
+           "compile_config", "configurations", "plan", "row", "sass_instructions", "table"]
+
 #: (compute capability, ptxas -arch) of the GPUs checked: A100, H100, B200.
 ARCHS = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
 #: Registers per SM (64K 32-bit registers on all three) and the most threads an SM may hold.
