@@ -227,6 +227,45 @@ def _sweep_gradient(x_row, q_row, g_row, weight_ptr, m, log_d, coef, target, c_t
 
 
 @triton.jit
+def _streamed_stats(x_row, q_row, weight_ptr, cols, stride_lc, stride_tc, n_cols, smoothing, softcap,
+                    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HAS_CLASS_MASS: tl.constexpr, BLOCK: tl.constexpr):
+    """(m, d, sum w, sum w (z - m), n_pos, n_neg) of a row too long for one block, in one sweep of
+    blocks: the online softmax's running max m and sum d of exp(z - m), and the sums of :func:`_sums`
+    (HAS_CLASS_MASS), taken about r, the first finite block max, so that no large |z| is lost."""
+    m = -float("inf")  # running max
+    d = 0.0  # running sum of exp(z - m)
+    r = -float("inf")
+    sum_w = 0.0
+    sum_wz = 0.0
+    n_pos = 0.0
+    n_neg = 0.0
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        z, w = _load_block(x_row, q_row, weight_ptr, offs, mask, stride_lc, stride_tc, n_cols, smoothing,
+                           softcap, PROB_TARGET=PROB_TARGET, HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING,
+                           HAS_SOFTCAP=HAS_SOFTCAP, HAS_CLASS_MASS=HAS_CLASS_MASS, BLOCK=BLOCK)
+        block_max = tl.max(z, axis=0)
+        m_new = tl.maximum(m, block_max)
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        d = d * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((z - shift) * LOG2E), axis=0)
+        m = m_new
+        if HAS_CLASS_MASS:
+            r = tl.where(r == -float("inf"), block_max, r)
+            r0 = tl.where(r == -float("inf"), 0.0, r)
+            b_wz, b_pos, b_neg = _sums(z, w, r0)
+            sum_wz += b_wz
+            n_pos += b_pos
+            n_neg += b_neg
+            sum_w += tl.sum(w, axis=0)
+    m = tl.where(m == -float("inf"), 0.0, m)
+    if HAS_CLASS_MASS:  # sum w (z - m) from sum w (z - r)
+        sum_wz -= sum_w * (m - tl.where(r == -float("inf"), 0.0, r))
+    return m, d, sum_w, sum_wz, n_pos, n_neg
+
+
+@triton.jit
 def _forward_row(
     row,  # int64, so that row * stride never overflows
     # logits as (N, S, C): batch, inner position, class
@@ -279,39 +318,12 @@ def _forward_row(
             sum_w = tl.sum(w, axis=0)
             sum_wz, n_pos, n_neg = _sums(z, w, m)
     else:
-        m = -float("inf")  # running max
-        d = 0.0  # running sum of exp(z - m)
-        # r: a reference, the first finite block max; sums of w (z - r)
-        # lose nothing to large |z|
-        r = -float("inf")
-        for start in range(0, n_cols, BLOCK):
-            offs = start + cols
-            mask = offs < n_cols
-            z, w = _load_block(x_row, q_row, weight_ptr, offs, mask,
-                               stride_lc, stride_tc, n_cols, smoothing,
-                               softcap, PROB_TARGET=PROB_TARGET,
-                               HAS_WEIGHT=HAS_WEIGHT,
-                               HAS_SMOOTHING=HAS_SMOOTHING,
-                               HAS_SOFTCAP=HAS_SOFTCAP,
-                               HAS_CLASS_MASS=HAS_CLASS_MASS,
-                               BLOCK=BLOCK)
-            block_max = tl.max(z, axis=0)
-            m_new = tl.maximum(m, block_max)
-            shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-            d = d * tl.exp2((m - shift) * LOG2E) + tl.sum(
-                tl.exp2((z - shift) * LOG2E), axis=0)
-            m = m_new
-            if HAS_CLASS_MASS:
-                r = tl.where(r == -float("inf"), block_max, r)
-                r0 = tl.where(r == -float("inf"), 0.0, r)
-                b_wz, b_pos, b_neg = _sums(z, w, r0)
-                sum_wz += b_wz
-                n_pos += b_pos
-                n_neg += b_neg
-                sum_w += tl.sum(w, axis=0)
-        m = tl.where(m == -float("inf"), 0.0, m)
-        if HAS_CLASS_MASS:  # sum w (z - m) from sum w (z - r)
-            sum_wz -= sum_w * (m - tl.where(r == -float("inf"), 0.0, r))
+        m, d, sum_w, sum_wz, n_pos, n_neg = _streamed_stats(
+            x_row, q_row, weight_ptr, cols, stride_lc, stride_tc, n_cols,
+            smoothing, softcap, PROB_TARGET=PROB_TARGET,
+            HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING,
+            HAS_SOFTCAP=HAS_SOFTCAP, HAS_CLASS_MASS=HAS_CLASS_MASS,
+            BLOCK=BLOCK)
     log_d = tl.log(d)
     loss, coef, lse = _loss(m, log_d, z_t, c_t, sum_w, sum_wz, n_pos,
                             n_neg, z_loss, kept, valid,
