@@ -169,12 +169,12 @@ def _modelled_kernel(meter: Meter):
         return torch.empty(n, dtype=torch.float32, device=z.device)
 
     _chunks.TritonRowLoss.loss_and_grad = kernel
-    _chunks._OUT_DTYPE_ADDMM["meta"] = True  # as on CUDA: bf16 products accumulated in float32
+    _chunks._OUT_DTYPE_ADDMM["meta", torch.bfloat16] = True  # as on CUDA: bf16 products accumulated in float32
     try:
         yield
     finally:
         _chunks.TritonRowLoss.loss_and_grad = original
-        _chunks._OUT_DTYPE_ADDMM.pop("meta", None)
+        _chunks._OUT_DTYPE_ADDMM.pop(("meta", torch.bfloat16), None)
 
 
 def run(impl: str, n: int, h: int, v: int, dtype=torch.bfloat16, rows: int | None = None) -> Report:

@@ -22,6 +22,7 @@ upstream, want_grad) -> loss``, which reads what it needs of the target from
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
@@ -29,8 +30,18 @@ from celib import _reduction
 from celib._options import LossOptions
 from celib.kernels import launch
 
-__all__ = ["ParamGrads", "TorchRowLoss", "TritonRowLoss", "WeightGrad", "accumulation_dtype", "chunked_pass",
+__all__ = ["ParamGrads", "RowLoss", "TorchRowLoss", "TritonRowLoss", "WeightGrad", "accumulation_dtype", "chunked_pass",
            "row_loss"]
+
+
+class RowLoss(Protocol):
+    """What :func:`chunked_pass` asks of a row loss (see the module docstring)."""
+
+    options: LossOptions
+    raw: bool
+
+    def loss_and_grad(self, z: torch.Tensor, rows: slice, scale: torch.Tensor, upstream: torch.Tensor | None,
+                      want_grad: bool) -> torch.Tensor | None: ...
 
 
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -38,7 +49,7 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _chunks(n: int, rows: int) -> Iterator[slice]:
+def _row_slices(n: int, rows: int) -> Iterator[slice]:
     """The row slices of the chunks: [0, rows), [rows, 2 rows), ..."""
     return (slice(start, min(start + rows, n)) for start in range(0, n, rows))
 
@@ -149,26 +160,36 @@ def row_loss(backend: str, options: LossOptions, target: torch.Tensor, acc: torc
     return (TritonRowLoss if backend == "triton" else TorchRowLoss)(options, target, acc)
 
 
-_OUT_DTYPE_ADDMM: dict[str, bool] = {}  # device type -> torch.addmm(..., out_dtype=float32) works there
+_OUT_DTYPE_ADDMM: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> it works there
+
+
+def _mixed_addmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` multiplies ``dtype`` operands into a float32
+    result on ``device`` (CUDA builds of recent PyTorch do; CPU builds do not). Decided once per device
+    type and dtype by a 1 x 1 product, so that an error of a real call is never mistaken for "absent"."""
+    key = (device.type, dtype)
+    if key not in _OUT_DTYPE_ADDMM:
+        a = torch.zeros(1, 1, dtype=dtype, device=device)
+        try:
+            torch.addmm(torch.zeros(1, 1, device=device), a, a, out_dtype=torch.float32)
+            _OUT_DTYPE_ADDMM[key] = True
+        except (RuntimeError, NotImplementedError, TypeError):  # no such overload on this build
+            _OUT_DTYPE_ADDMM[key] = False
+    return _OUT_DTYPE_ADDMM[key]
 
 
 def _accumulate_half(gw: torch.Tensor, g: torch.Tensor, gh: torch.Tensor, xs: torch.Tensor) -> None:
     """gw (V, H) float32 += g.T @ xs for half-precision chunks, with no (V, H) temporary.
 
-    Where PyTorch has the mixed-precision product (CUDA: ``addmm`` with ``out_dtype``), the half
-    operands ``gh`` and ``xs`` are multiplied on the tensor cores and added into ``gw`` in float32.
-    Elsewhere the float32 gradient ``g`` and a float32 copy of ``xs`` (chunk-sized, not (V, H))
-    are multiplied in float32, in place.
+    Where PyTorch has the mixed-precision product (:func:`_mixed_addmm`), the half operands ``gh`` and
+    ``xs`` are multiplied on the tensor cores and added into ``gw`` in float32. Elsewhere the gradient
+    ``g`` (float32, or the weight's dtype from a raw row loss) and ``xs`` are multiplied in float32 (a
+    chunk-sized copy, not (V, H)), in place.
     """
-    kind = gw.device.type
-    if _OUT_DTYPE_ADDMM.get(kind, kind == "cuda"):
-        try:
-            torch.addmm(gw, gh.t(), xs, out_dtype=torch.float32, out=gw)
-            _OUT_DTYPE_ADDMM[kind] = True
-            return
-        except (RuntimeError, NotImplementedError, TypeError):
-            _OUT_DTYPE_ADDMM[kind] = False
-    gw.addmm_(g.t() if g.dtype == gw.dtype else g.t().float(), xs.float())
+    if _mixed_addmm(gw.device, gh.dtype):
+        torch.addmm(gw, gh.t(), xs, out_dtype=torch.float32, out=gw)
+    else:
+        gw.addmm_(g.t() if g.dtype == gw.dtype else g.t().float(), xs.float())
 
 
 class WeightGrad:
@@ -192,7 +213,8 @@ class WeightGrad:
             torch.zeros(min(step, vocab - s), w.shape[1], dtype=acc, device=w.device) for s in self.starts]
 
     def add(self, g: torch.Tensor, gh: torch.Tensor, xs: torch.Tensor) -> None:
-        """+= gh.T @ xs, block by block (g: the chunk's gradient in float32, gh: in the weight's dtype)."""
+        """+= gh.T @ xs, block by block (g: the chunk's gradient in the logits' dtype, float32 or the
+        weight's own for a raw row loss; gh: in the weight's dtype)."""
         for start, block in zip(self.starts, self.blocks):
             cols = slice(start, start + block.shape[0])
             if gh.dtype == block.dtype:
@@ -258,7 +280,7 @@ class ParamGrads:
         return gx, gw, None if gb is None else gb.to(self.w_dtype)
 
 
-def chunked_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, loss, rows: int,
+def chunked_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, loss: RowLoss, rows: int,
                  scale: torch.Tensor, *, upstream: torch.Tensor | None = None, grads: ParamGrads | None = None,
                  losses: torch.Tensor | None = None) -> None:
     """The one chunk loop: for each chunk of ``rows`` rows of ``x`` (N, H), the logits
@@ -267,7 +289,7 @@ def chunked_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, loss,
     ``grads`` the gradient folded into it."""
     acc = accumulation_dtype(x)
     logits = _Logits(w, b, min(rows, x.shape[0]), acc, loss.raw, loss.options.softcap)
-    for sl in _chunks(x.shape[0], rows):
+    for sl in _row_slices(x.shape[0], rows):
         z = logits(x[sl])
         out = loss.loss_and_grad(z, sl, scale, None if upstream is None else upstream[sl], grads is not None)
         if losses is not None:

@@ -1,10 +1,13 @@
-"""The reductions every loss of celib shares: the weight each position keeps, the mean's denominator and
-gradient scale (:func:`mean_scale`), and :func:`reduce`, written once.
+"""The reductions celib's own loss code shares (the kernel's autograd, the chunk engine, the
+vocabulary-parallel losses, focal losses, z-loss): the weight each position keeps, the mean's
+denominator and gradient scale (:func:`mean_scale`), and :func:`reduce`, written once. (The torch
+backend of ``cross_entropy`` and ``nll_loss`` is ``torch.nn.functional``'s own reduction.)
 
 A mean whose denominator is 0 has PyTorch's value, the sum divided by 0: nan (0 / 0) for a batch in
 which nothing is kept (every target ``ignore_index``, or an empty batch), and +-inf or nan when class
-weights (negative ones allowed) sum to 0 over the kept targets. Its gradient is 0, as PyTorch's is when
-nothing is kept; where weights sum to 0, PyTorch's gradient is inf or nan, celib's 0.
+weights (negative ones allowed) sum to 0 over the kept targets. Its gradient here is 0, as PyTorch's is
+when nothing is kept; where weights sum to 0, PyTorch's gradient (and so the torch backend's) is inf or
+nan.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ def mean_scale(target: torch.Tensor, options: LossOptions,
     """(the mean's denominator, the gradient scale 1 / denominator) for ``options.reduction == "mean"``,
     else (None, 1); () tensors in ``dtype`` on the target's device, with no host synchronisation.
 
-    The denominator is the kept weight's sum for index targets, the number of positions for probability
-    targets (N, C, d1, ...).
+    The denominator is the kept weight's sum for index targets (any shape), the number of positions for
+    probability targets, which must be at least 2-D with the classes on dim 1: (N, C, d1, ...).
     """
     if options.reduction != "mean":
         return None, torch.ones((), dtype=dtype, device=target.device)

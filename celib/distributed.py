@@ -55,6 +55,9 @@ def _check_and_locate(target, rows_of, name, local_classes, group, ignore_index,
         raise InputError("target must be a 1-D integer tensor of global class indices.")
     if target.shape[0] != rows_of.shape[0]:
         raise InputError(f"target has {target.shape[0]} rows but {name} has {rows_of.shape[0]}.")
+    if target.device != rows_of.device:
+        raise InputError(f"target is on {target.device} but {name} is on {rows_of.device}; move it with "
+                         f"target.to({name}.device).")
     options = validate.loss_options(None, ignore_index, reduction, label_smoothing, z_loss)
     offset, num_classes = _shard_offsets(local_classes, rows_of.device, group)
     validate.check_target_range(target, num_classes, ignore_index)

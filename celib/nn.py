@@ -121,8 +121,8 @@ class LinearCrossEntropyLoss(nn.Module):
     output layer's weight (e.g. ``lm_head.weight``) at each call, so the layer stays where the model has it.
     """
 
-    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None,
+    def __init__(self, weight: torch.Tensor | None = None, *, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                  chunk_size: int | None = None, chunk_memory: int | None = None, backend: str = "auto",
                  check_inputs: bool = True, loss_dtype: torch.dtype | None = None) -> None:
         super().__init__()

@@ -223,7 +223,7 @@ def check_extras(z_loss: float, softcap: float | None) -> None:
     """Raise unless z_loss >= 0 and softcap is None or positive (the LLM options of cross_entropy)."""
     if softcap is not None and not float(softcap) > 0:
         raise InputError(f"softcap must be a positive number or None, got {softcap}.")
-    if float(z_loss) < 0:
+    if not float(z_loss) >= 0:  # nan included
         raise InputError(f"z_loss must be >= 0, got {z_loss}.")
 
 

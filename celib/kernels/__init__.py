@@ -24,7 +24,7 @@ import torch
 from celib import validate
 from celib._options import LossOptions
 from celib.errors import InputError
-from celib.kernels import _mode
+from celib.kernels import _mode, autograd, launch  # none of them imports triton
 
 __all__ = ["DTYPES", "available"]
 
@@ -32,8 +32,6 @@ __all__ = ["DTYPES", "available"]
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _mode.prefer_interpreter_without_gpu()
-
-from celib.kernels import autograd, launch  # noqa: E402  (neither imports triton)
 
 
 def _find_triton() -> bool:
@@ -66,8 +64,6 @@ def _cross_entropy(input, target, options: LossOptions, *, return_lse, inplace_b
             target = target.long()
     elif target.dtype != input.dtype and target.dtype not in DTYPES:
         target = target.to(input.dtype)
-    if options.weight is not None:
-        options = options.replace(weight=options.weight.to(device=input.device))
     # The one-block limit in force now, kept for backward, which may run after a launch.tuned() block ends.
     block = launch.tuning().max_block
     batch_shape = validate.index_target_shape(input)

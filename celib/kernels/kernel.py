@@ -286,6 +286,9 @@ def _forward_row(
     COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr, TWO_SWEEPS: tl.constexpr,
 ):
+    """One row's forward: its loss, lse and statistics (m, log d, coef),
+    and with COMPUTE_GRAD its gradient at upstream 1 (one-block rows, or
+    streamed rows under TWO_SWEEPS)."""
     x_row = logits_ptr + row_offset(row, n_inner, stride_ln, stride_ls)
     q_row = target_ptr + row_offset(row, n_inner, stride_tn, stride_ts)
     cols = tl.arange(0, BLOCK)
@@ -336,20 +339,18 @@ def _forward_row(
     tl.store(stats_ptr + n_rows + row, log_d)
     tl.store(stats_ptr + 2 * n_rows + row, coef)
 
-    # the gradient, from the block still in registers
-    if COMPUTE_GRAD and SINGLE_BLOCK:
+    if COMPUTE_GRAD:
         # scale 0: an ignored row's gradient is 0 (nan if all its
         # logits are -inf, as in PyTorch)
         scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)
+        g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
+    if COMPUTE_GRAD and SINGLE_BLOCK:  # from the block still in registers
         g = _gradient(e, z, w, cols, mask, coef / d, target, c_t, scale,
                       softcap, HAS_CLASS_MASS=HAS_CLASS_MASS,
                       PROB_TARGET=PROB_TARGET, HAS_SOFTCAP=HAS_SOFTCAP)
-        g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
         g_out = g.to(grad_ptr.dtype.element_ty)
         tl.store(g_row + cols * stride_gc, g_out, mask=mask)
     if COMPUTE_GRAD and TWO_SWEEPS:  # a streamed row, swept again now
-        scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)
-        g_row = grad_ptr + row_offset(row, n_inner, stride_gn, stride_gs)
         _sweep_gradient(x_row, q_row, g_row, weight_ptr, m, log_d, coef,
                         target, c_t, scale, stride_lc, stride_tc,
                         stride_gc, n_cols, smoothing, softcap,
