@@ -49,9 +49,10 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
                memory: int | None = None) -> int:
     """Rows per chunk: ``chunk_size`` if given, else the rule for the device, capped by a memory budget.
 
-    - CUDA: ``_roofline_rows`` (every product of a chunk compute-bound on an H100: 1280 rows in
-      bf16), so chunking costs no more time than the unfused products.
-    - CPU: a quarter of the batch, at least 128 and at most 512 rows (``CPU_ROWS``). A CPU's
+    - CUDA: the fewest rows for which every product of a chunk is compute-bound on an H100 (1280
+      rows in bf16 and fp16, 640 in float32), so chunking costs no more time than the unfused
+      products.
+    - CPU: a quarter of the batch, at least 128 and at most 512 rows. A CPU's
       matrix products are compute-bound at any of these sizes; what costs is the per-chunk work that
       does not scale with the rows, so chunks should be large, and a quarter of the batch keeps
       chunking worth its name for small batches (at most a quarter of the logits in memory).
@@ -59,8 +60,8 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
       ``F.cross_entropy(x @ W.T)`` at several chunk sizes (the README shows a run).
 
     Either is capped so that a chunk's logits take at most ``memory`` bytes (default
-    :data:`celib.linear.CHUNK_MEMORY` for the device: 2 GiB on CUDA, 256 MiB on CPU; see
-    ``_chunk_bytes_per_row``), and is at least 1 and at most N.
+    :data:`celib.linear.CHUNK_MEMORY` for the device: 2 GiB on CUDA, 256 MiB on CPU; a row counts its
+    logits in the input's dtype plus a float32 copy for half inputs), and is at least 1 and at most N.
     Peak extra memory is then about one chunk, plus the float32 gradient of the weight and the
     gradient of the input.
     """

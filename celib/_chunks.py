@@ -69,7 +69,10 @@ class _Logits:
     def __call__(self, xs: torch.Tensor) -> torch.Tensor:
         n = len(xs)
         z = self.mm[:n]
-        torch.mm(xs, self.w.t(), out=z) if self.b is None else torch.addmm(self.b, xs, self.w.t(), out=z)
+        if self.b is None:
+            torch.mm(xs, self.w.t(), out=z)
+        else:
+            torch.addmm(self.b, xs, self.w.t(), out=z)
         if self.acc is not None:  # half-precision inputs: the loss and its gradient in float32
             z = self.acc[:n].copy_(z)
         if self.softcap is not None:
@@ -116,6 +119,8 @@ class TorchRowLoss:
             loss = loss + (a / c) * (sum_w * log_total - wz) * kept
         if zl:
             loss = loss + zl * lse.square() * kept
+        # an ignored row is 0, also where its placeholder class 0 has a -inf logit (0 * inf would be nan)
+        loss = torch.where(t != o.ignore_index, loss, torch.zeros_like(loss))
         if not want_grad:
             return loss
         s = scale.to(z.dtype) * kept
@@ -233,7 +238,10 @@ class WeightGrad:
         for i in range(len(self.blocks)):
             block, self.blocks[i] = self.blocks[i], None
             part = torch.empty(block.shape, dtype=self.dtype, device=block.device)
-            torch.mul(block, scale.to(block.dtype), out=part) if scale is not None else part.copy_(block)
+            if scale is None:
+                part.copy_(block)
+            else:
+                torch.mul(block, scale.to(block.dtype), out=part)
             parts.append(part)
             del block  # its float32 memory is free before the next block is converted
         return torch.cat(parts) if len(parts) > 1 else parts[0]

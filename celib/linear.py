@@ -7,7 +7,8 @@ a chunk of rows at a time. For each chunk it forms the logits, the loss and the
 gradient of the loss with respect to those logits, and immediately folds that
 gradient into the gradients of ``input``, ``W`` and ``b``; the chunk's logits
 are then dropped. So the work is the unfused version's three matrix products
-(logits, input gradient, weight gradient) plus one pass over each chunk, with
+(logits, input gradient, weight gradient) plus one pass over each chunk (two
+with the Triton backend for vocabularies above its one-block limit, 16384), with
 no recomputation, and the memory is one chunk of logits instead of N x V.
 
 ``reduction="none"`` is the exception: its gradient depends on an upstream

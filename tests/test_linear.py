@@ -318,3 +318,19 @@ def test_without_gradients_no_gradient_is_formed(backend, monkeypatch):
         loud = celib.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=4, backend=backend)
         assert built.call_count == 1
     assert torch.equal(quiet, loud.detach())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_ignored_row_with_a_masked_class_0_is_not_nan(backend):
+    """An ignored row reads the placeholder class 0; a -inf logit there must not make its loss 0 * inf."""
+    if backend == "triton" and not kernels.available():
+        pytest.skip("triton is not installed")
+    x, w, b, _ = _inputs(n=4, dtype=torch.float32)  # the kernel takes float32, not float64
+    b = b.clone()
+    b[0] = -float("inf")  # class 0 masked out, as a padded vocabulary entry
+    t = torch.tensor([3, -100, 5, 1])
+    theirs = _grads(lambda x, w, b: F.cross_entropy(F.linear(x, w, b), t, reduction="none"), x, w, b)
+    ours = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none",
+                                                            chunk_size=3, backend=backend), x, w, b)
+    for a, e in zip(ours[:3], theirs[:3]):  # the bias's gradient at the -inf class is nan in both
+        assert torch.allclose(a, e, rtol=1e-4, atol=1e-5)

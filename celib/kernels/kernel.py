@@ -27,9 +27,9 @@ gradient depends on the row's length:
   ``celib.kernels.launch.Tuning`` holds both choices, provisional until
   ``benchmarks/gpu_check.py`` has timed them.
 
-Every option is a compile-time flag (``tl.constexpr``), derived from the call
-by the launcher (``celib.kernels.launch``) and passed to the helpers by
-keyword; ``HAS_CLASS_MASS`` (probability targets or smoothing: per-class
+Every option is a compile-time flag (``tl.constexpr``), derived from the call's
+options in one place (``celib._options.LossOptions.kernel_flags``) and passed to
+the helpers by keyword; ``HAS_CLASS_MASS`` (probability targets or smoothing: per-class
 factors w in the loss) is one of them. The plain case (index
 targets, no weights, smoothing, z-loss or soft-capping) carries none of their
 arithmetic. Exponentials are ``exp2((z - m) * log2 e)``: one subtraction (exact
