@@ -274,7 +274,7 @@ class ParamGrads:
         if self.w is not None:
             self.w.add(g, gh, xs)
         if self.b is not None:
-            self.b += g.sum(0).to(self.b.dtype)
+            self.b += g.sum(0, dtype=self.b.dtype)
 
     def result(self, scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
         """(dX, dW, dB), times ``scale`` (a () tensor) if given, dW and dB in the weight's dtype;

@@ -173,9 +173,10 @@ def vocab_parallel_cross_entropy(
         z_loss: as in :func:`celib.cross_entropy`.
 
     Raises:
-        InputError: on every rank alike (each sees the same gathered sizes and targets, so none is
-            left waiting in a collective): a target outside [0, V) for the total V of all shards,
-            bad shapes or options.
+        InputError: a target outside [0, V) for the total V of all shards, or bad options, on every
+            rank alike (each sees the same gathered sizes and targets, so none is left waiting in a
+            collective); a malformed shard on the rank that holds it, before the collectives, so
+            check the shards' shapes alike on every rank.
     """
     validate.check_floating("local_logits", local_logits)
     if local_logits.dim() != 2:
@@ -266,8 +267,9 @@ def vocab_parallel_linear_cross_entropy(
         chunk_size: rows per chunk (default: :func:`celib.linear.chunk_rows` for the shard).
 
     Raises:
-        InputError: on every rank alike (each checks the same gathered sizes, shapes and targets):
-            a target outside [0, V), shapes that do not fit, bad options.
+        InputError: a target outside [0, V) or bad options on every rank alike (each checks the same
+            gathered sizes and targets); a shard or input that does not fit on the rank that holds it,
+            before the collectives.
     """
     validate.check_output_layer(input, weight_shard, bias_shard, names=("weight_shard", "bias_shard"),
                                 sequences=False)

@@ -70,7 +70,8 @@ def cross_entropy(
             kernel; on CPU tensors it runs under Triton's interpreter, slowly),
             or ``"auto"``: the kernel for CUDA tensors when triton is installed
             and the kernel applies, PyTorch otherwise. ``"auto"`` never picks the
-            interpreter.
+            interpreter, nor the kernel for a probability target that requires
+            a gradient (the kernel gives the target none).
         check_inputs: validate target values (a class index outside [0, C-1]
             raises :class:`celib.InputError`). This reads the target and
             synchronises with the GPU once per call; ``False`` skips it (the
@@ -121,7 +122,11 @@ def cross_entropy(
     index_target = validate.is_index_target(target)
     if index_target and check_inputs:
         validate.check_target_range(target, validate.num_classes(input), ignore_index)
-    if _backend.use_kernel(backend, input):
+    soft_target_grad = torch.is_grad_enabled() and target.requires_grad
+    if soft_target_grad and backend == "triton":
+        raise InputError("the Triton kernel gives no gradient to a probability target, and this target requires "
+                         "one; use backend='torch' (or 'auto', which then uses it), or pass target.detach().")
+    if not soft_target_grad and _backend.use_kernel(backend, input):
         return kernels._cross_entropy(input, target, options, return_lse=return_lse,
                                       inplace_backward=inplace_backward, loss_dtype=loss_dtype)
     if index_target and target.dtype != torch.int64:
@@ -393,6 +398,8 @@ def focal_loss(
     kept = target != ignore_index
     safe = torch.where(kept, target, torch.zeros_like(target))
     logp_t = F.log_softmax(input, dim=class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    # an ignored row reads the placeholder class 0: 0 there, so that a -inf logit gives no 0 * inf = nan
+    logp_t = torch.where(kept, logp_t, torch.zeros_like(logp_t))
     w_t = _reduction.kept_weight(target, weight, ignore_index, input.dtype)
     loss = -w_t * logp_t
     if gamma:

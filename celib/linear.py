@@ -8,7 +8,8 @@ gradient of the loss with respect to those logits, and immediately folds that
 gradient into the gradients of ``input``, ``W`` and ``b``; the chunk's logits
 are then dropped. So the work is the unfused version's three matrix products
 (logits, input gradient, weight gradient) plus one pass over each chunk (two
-with the Triton backend for vocabularies above its one-block limit, 16384), with
+with the Triton backend for rows longer than the kernel's one-block limit,
+``celib.kernels.launch.block_size``), with
 no recomputation, and the memory is one chunk of logits instead of N x V.
 
 ``reduction="none"`` is the exception: its gradient depends on an upstream
@@ -29,12 +30,17 @@ import contextlib
 
 import torch
 
-from celib import _backend, _chunks, _reduction, validate
-from celib._chunk_size import CHUNK_MEMORY, chunk_rows
+from celib import _backend, _chunk_size, _chunks, _reduction, validate
+from celib._chunk_size import chunk_rows
 from celib._options import LossOptions
 from celib.errors import InputError
 
 __all__ = ["CHUNK_MEMORY", "chunk_rows", "linear_cross_entropy"]
+
+#: The default cap, in bytes, on one chunk's logits and their float32 working copy, per device type
+#: (2 GiB on CUDA, 256 MiB on CPU; see :func:`chunk_rows`). The dict the chunk rule reads: change an
+#: entry to change the default.
+CHUNK_MEMORY: dict[str, int] = _chunk_size.CHUNK_MEMORY
 
 
 def _check(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,

@@ -9,6 +9,8 @@ synchronises with the device, which is why losses let callers skip it with
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from celib._options import LossOptions
@@ -221,10 +223,10 @@ def cross_entropy_options(
 
 def check_extras(z_loss: float, softcap: float | None) -> None:
     """Raise unless z_loss >= 0 and softcap is None or positive (the LLM options of cross_entropy)."""
-    if softcap is not None and not float(softcap) > 0:
-        raise InputError(f"softcap must be a positive number or None, got {softcap}.")
-    if not float(z_loss) >= 0:  # nan included
-        raise InputError(f"z_loss must be >= 0, got {z_loss}.")
+    if softcap is not None and not 0 < float(softcap) < math.inf:
+        raise InputError(f"softcap must be a positive finite number or None, got {softcap}.")
+    if not 0 <= float(z_loss) < math.inf:  # nan and inf included
+        raise InputError(f"z_loss must be a finite number >= 0, got {z_loss}.")
 
 
 def loss_options(weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",

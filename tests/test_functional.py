@@ -342,3 +342,32 @@ def test_return_lse_is_detached_on_every_backend(backend):
     loss, lse = celib.cross_entropy(x, t, backend=backend, return_lse=True)
     assert not lse.requires_grad and lse.dtype == torch.float32
     torch.testing.assert_close(lse, torch.logsumexp(x.detach(), 1))
+
+
+def test_a_probability_target_that_requires_grad_gets_its_gradient_or_a_clear_error():
+    """The kernel gives a probability target no gradient: "auto" then runs PyTorch, "triton" refuses."""
+    x = torch.randn(3, 5)
+    q = torch.softmax(torch.randn(3, 5), 1).requires_grad_(True)
+    celib.cross_entropy(x, q, backend="auto").backward()
+    expected = -torch.log_softmax(x, 1) / 3
+    assert torch.allclose(q.grad, expected, atol=1e-6)
+    if kernels.available():
+        with pytest.raises(celib.InputError, match="no gradient to a probability target"):
+            celib.cross_entropy(x, q, backend="triton")
+        assert celib.cross_entropy(x, q.detach(), backend="triton").requires_grad is False
+
+
+def test_softcap_and_z_loss_must_be_finite():
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    for kwargs in (dict(softcap=float("inf")), dict(z_loss=float("inf")), dict(z_loss=float("nan"))):
+        with pytest.raises(celib.InputError, match="finite"):
+            celib.cross_entropy(x, t, **kwargs)
+
+
+def test_focal_loss_ignored_row_with_a_masked_class_0_has_zero_gradient():
+    """An ignored row reads the placeholder class 0; a -inf logit there must not make its gradient nan."""
+    x = torch.tensor([[-float("inf"), 1.0, 2.0], [0.5, 1.0, -1.0]], requires_grad=True)
+    t = torch.tensor([-100, 1])
+    celib.focal_loss(x, t, gamma=2.0).backward()
+    assert torch.equal(x.grad[0], torch.zeros(3))
+    assert torch.isfinite(x.grad).all()
