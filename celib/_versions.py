@@ -17,10 +17,12 @@ the interpreter needs numpy < 2.4 (:func:`check_interpreter` says so).
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import re
 
 __all__ = ["MIN_TORCH", "MIN_TRITON", "TRITON_INTERPRETER_NUMPY_2_4", "check_interpreter", "check_torch",
-           "check_triton", "parse", "require"]
+           "check_triton", "parse", "require", "triton_supported"]
 
 MIN_TORCH = (2, 9)
 MIN_TRITON = (3, 6)
@@ -54,6 +56,16 @@ def check_triton() -> None:
     import triton
 
     require("triton", triton.__version__, MIN_TRITON)
+
+
+@functools.cache
+def triton_supported() -> bool:
+    """True when triton is installed at a version celib supports (read from its metadata: triton is not
+    imported). ``backend="auto"`` runs the kernel only then; ``backend="triton"`` raises instead."""
+    try:
+        return parse(importlib.metadata.version("triton")) >= MIN_TRITON
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def check_interpreter(triton_version: str, numpy_version: str) -> None:

@@ -94,7 +94,9 @@ def cross_entropy(
             (as PyTorch). ``torch.float32`` returns a float32 loss for half inputs,
             computed in float32 on every backend: the kernel always computes in
             float32; the torch backend then works on a float32 copy of the
-            logits (N x C x 4 bytes more memory, and its gradient).
+            logits (N x C x 4 bytes more memory, and its gradient). Under ``torch.autocast``
+            half-precision logits give a float32 loss, as autocast's ``cross_entropy`` does, with the
+            class weights kept in float32, on every backend.
 
     Returns:
         The loss (0-dim unless ``reduction="none"``), and the lse if asked.
@@ -122,6 +124,8 @@ def cross_entropy(
     index_target = validate.is_index_target(target)
     if index_target and check_inputs:
         validate.check_target_range(target, validate.num_classes(input), ignore_index)
+    if input.dtype in (torch.float16, torch.bfloat16) and _backend.autocast_on(input.device.type):
+        loss_dtype = loss_dtype or torch.float32  # autocast runs cross_entropy in float32, on every backend
     soft_target_grad = torch.is_grad_enabled() and target.requires_grad
     if soft_target_grad and backend == "triton":
         raise InputError("the Triton kernel gives no gradient to a probability target, and this target requires "

@@ -181,15 +181,6 @@ def _compiled(x, w, b, t, options: LossOptions, rows, backend, out_dtype):
     return _reduction.reduce(losses, options.reduction, den).to(out_dtype or x.dtype)
 
 
-def _autocast_on(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type``. Under torch.compile the availability check is skipped
-    (the traced devices have autocast): torch 2.9's Dynamo has no rule for the C function
-    ``torch.amp.is_autocast_available`` calls (2.13 has), and would stop a ``fullgraph=True`` compile."""
-    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
-        return False
-    return torch.is_autocast_enabled(device_type)
-
-
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -273,7 +264,7 @@ def linear_cross_entropy(
     """
     _backend.check(backend)
     device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
-    autocast = _autocast_on(device_type)
+    autocast = _backend.autocast_on(device_type)
     if autocast:  # as F.linear under autocast: the products in the autocast dtype (casts are differentiable)
         dt = torch.get_autocast_dtype(device_type)
         input, linear_weight, linear_bias = (

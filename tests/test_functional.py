@@ -371,3 +371,58 @@ def test_focal_loss_ignored_row_with_a_masked_class_0_has_zero_gradient():
     celib.focal_loss(x, t, gamma=2.0).backward()
     assert torch.equal(x.grad[0], torch.zeros(3))
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if kernels.available() else []))
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_autocast_gives_pytorchs_float32_loss_on_every_backend(backend, with_weight):
+    """Under autocast, half logits give a float32 loss with float32 class weights, as autocast's
+    cross_entropy does (the kernel used to return the input's bfloat16, and the torch path rounded the
+    weights to bfloat16)."""
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(8, 5)
+    x = torch.randn(16, 8, generator=g)
+    t = torch.randint(0, 5, (16,), generator=g)
+    w = torch.rand(5, generator=g) if with_weight else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer(x)
+        ours = celib.cross_entropy(logits, t, w, backend=backend)
+        theirs = F.cross_entropy(logits, t, w)
+    assert logits.dtype == torch.bfloat16
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    outside = celib.cross_entropy(logits, t, w, backend=backend)  # no autocast: the input's dtype
+    assert outside.dtype == torch.bfloat16
+
+
+def test_auto_backend_needs_a_supported_triton(monkeypatch):
+    """"auto" picks the kernel only with a triton celib supports; an older one means PyTorch."""
+    from celib import _backend, _versions
+
+    x = torch.randn(2, 3)
+    cuda_like = type("T", (), {"is_cuda": True, "dtype": torch.float32})()
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(_versions, "triton_supported", lambda: False)
+    assert _backend.use_kernel("auto", cuda_like) is False
+    monkeypatch.setattr(_versions, "triton_supported", lambda: True)
+    assert _backend.use_kernel("auto", cuda_like) is True
+    assert _backend.use_kernel("auto", x) is False  # a CPU tensor: never the interpreter
+
+
+def test_triton_supported_reads_the_installed_version(monkeypatch):
+    import importlib.metadata
+
+    from celib import _versions
+
+    for version, expected in (("3.5.1", False), ("3.6.0", True), ("3.9.0", True)):
+        _versions.triton_supported.cache_clear()
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=version: v)
+        assert _versions.triton_supported() is expected
+    _versions.triton_supported.cache_clear()
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert _versions.triton_supported() is False
+    _versions.triton_supported.cache_clear()
