@@ -221,6 +221,12 @@ def test_errors():
     double = tf.GPT2DoubleHeadsModel(CONFIGS["gpt2"]())  # an LM head, but its forward has its own loss
     with pytest.raises(celib.InputError, match="GPT2DoubleHeadsModel is not one of"):
         apply_celib(double)
+    # a causal LM whose forward computes its loss itself: apply_celib could not reach it, so it refuses
+    bart = tf.BartForCausalLM(tf.BartConfig(vocab_size=V, d_model=16, decoder_layers=1, encoder_layers=1,
+                                            decoder_attention_heads=2, encoder_attention_heads=2,
+                                            decoder_ffn_dim=16, encoder_ffn_dim=16))
+    with pytest.raises(celib.InputError, match="BartForCausalLM computes its loss itself"):
+        apply_celib(bart)
     torch.manual_seed(0)
     cohere = tf.AutoModelForCausalLM.from_config(tf.CohereConfig(**SMALL))  # scales its logits
     apply_celib(cohere)  # the loss on the logits: any causal LM

@@ -154,6 +154,15 @@ def _check_causal_lm(model: torch.nn.Module) -> None:
     if type(model).__name__ not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
         raise InputError(f"{type(model).__name__} is not one of transformers' causal language models (the "
                          f"classes AutoModelForCausalLM builds); apply_celib handles those only.")
+    # apply_celib replaces self.loss_function; a forward that computes its loss itself would ignore it
+    try:
+        source = inspect.getsource(inspect.unwrap(type(model).forward))
+    except (OSError, TypeError):  # no source to read: trust the mapping
+        source = None
+    if source is not None and "self.loss_function" not in source:
+        raise InputError(f"{type(model).__name__} computes its loss itself, not with self.loss_function, so "
+                         f"apply_celib would change nothing; compute the loss from its logits with "
+                         f"celib.integrations.transformers.causal_lm_loss (or celib.cross_entropy) instead.")
 
 
 @dataclass
@@ -199,7 +208,8 @@ def apply_celib(
         ``model``, whose ``loss`` output is now celib's. :func:`remove_celib` undoes it.
 
     Raises:
-        InputError: not a causal LM; ``fused_linear=True`` for a model type it is not tested on;
+        InputError: not a causal LM, or one whose forward computes its loss without
+            ``self.loss_function`` (BartForCausalLM, WhisperForCausalLM, ...); ``fused_linear=True`` for a model type it is not tested on;
             at the call, an output layer whose weight is not there to use (offloaded to the meta
             device by accelerate, or a DTensor shard: FSDP2 applied to the output layer on its
             own, tensor parallelism), for which ``fused_linear=False`` works.
