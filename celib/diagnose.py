@@ -191,7 +191,8 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
             "with 0 (or mask with a large finite negative number instead of -inf) and give it ignore_index.",
         ))
     masked_target = (input.movedim(class_dim, -1).gather(
-        -1, torch.where(kept, target, 0).clamp(0, num_classes - 1).unsqueeze(-1)).squeeze(-1) == float("-inf"))
+        -1, torch.where(kept, target, 0).long().clamp(0, num_classes - 1).unsqueeze(-1)).squeeze(-1)
+        == float("-inf"))
     masked_target &= kept & ~masked
     if bool(masked_target.any()):
         findings.append(Finding(

@@ -151,3 +151,17 @@ def test_labels_not_shifted():
     assert right == []
     with pytest.raises(celib.InputError, match="inputs of shape"):
         celib.diagnose(flat, labels.reshape(-1), inputs=ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_small_integer_targets_are_diagnosed_not_a_crash(dtype):
+    """uint8 segmentation masks with 255 for void pixels, and other small integer targets, which
+    celib.cross_entropy accepts: diagnose used to raise gather()'s dtype error on them."""
+    x = torch.randn(1, 3, 2, 2)
+    void = 255 if dtype == torch.uint8 else 100
+    mask = torch.tensor([[[0, 2], [void, 1]]], dtype=dtype)
+    findings = celib.diagnose(x, mask, ignore_index=void)
+    assert [f.code for f in findings] == ["target-dtype"]
+    assert torch.isfinite(celib.cross_entropy(x, mask, ignore_index=void))
+    x[0, 2, 0, 1] = float("-inf")  # the target class of a kept pixel: the masked-target check reads it
+    assert "masked-target" in [f.code for f in celib.diagnose(x, mask, ignore_index=void)]
