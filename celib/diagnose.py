@@ -141,7 +141,8 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
     if target.dtype != torch.int64:
         findings.append(Finding(
             "target-dtype",
-            f"target has dtype {target.dtype}; torch.nn.functional.cross_entropy wants int64 (long) class indices.",
+            f"target has dtype {target.dtype}; torch.nn.functional.cross_entropy wants int64 (long) class indices "
+            "(uint8 only for (N, C) input).",
             "convert with target.long().",
         ))
 
