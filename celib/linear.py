@@ -144,16 +144,16 @@ def _rows_backward_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, 
     with torch.no_grad():
         gx, gw, gb = _recompute(x, w, b, t, options, rows, backend, one, upstream,
                                 (need_x, need_w, need_b and b is not None))
-    empty = x.new_empty(0)
-    return (empty if gx is None else gx, empty if gw is None else gw, empty if gb is None else gb)
+    # a fresh 0-element tensor per missing gradient: outputs of a custom op may not alias each other
+    return (x.new_empty(0) if gx is None else gx, x.new_empty(0) if gw is None else gw,
+            x.new_empty(0) if gb is None else gb)
 
 
 @_rows_backward_op.register_fake
 def _(x, w, b, t, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, rows, backend, upstream,
       need_x, need_w, need_b):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x) if need_x else empty, torch.empty_like(w) if need_w else empty,
-            torch.empty_like(b) if need_b and b is not None else empty)
+    return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(w) if need_w else x.new_empty(0),
+            torch.empty_like(b) if need_b and b is not None else x.new_empty(0))
 
 
 def _rows_setup(ctx, inputs, output):

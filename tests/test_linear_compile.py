@@ -169,3 +169,22 @@ def test_fullgraph_where_dynamo_has_no_rule_for_autocast_availability(monkeypatc
             assert got.dtype == expected.dtype and torch.allclose(got, expected, rtol=1e-6, atol=0)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("frozen", ["head", "hidden"])
+def test_fullgraph_with_a_frozen_head_or_frozen_hidden_states(frozen):
+    """A frozen output layer without a bias (LoRA's usual case), or frozen hidden states: two gradients
+    are missing, and the backward op must return distinct empty tensors (a custom op's outputs may not
+    alias each other, which torch.library checks)."""
+    x, w, _, t = _inputs()
+    x.requires_grad_(frozen == "head")
+    w.requires_grad_(frozen == "hidden")
+
+    def fn(a, b):
+        return celib.linear_cross_entropy(a, b, t, chunk_size=16)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    trainable = x if frozen == "head" else w
+    (g_compiled,) = torch.autograd.grad(compiled(x, w), trainable)
+    (g_eager,) = torch.autograd.grad(fn(x, w), trainable)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-6)
