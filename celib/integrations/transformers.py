@@ -209,7 +209,8 @@ def apply_celib(
 
     Raises:
         InputError: not a causal LM, or one whose forward computes its loss without
-            ``self.loss_function`` (BartForCausalLM, WhisperForCausalLM, ...); ``fused_linear=True`` for a model type it is not tested on;
+            ``self.loss_function`` (BartForCausalLM, WhisperForCausalLM, ...); ``fused_linear=True``
+            for a model type it is not tested on;
             at the call, an output layer whose weight is not there to use (offloaded to the meta
             device by accelerate, or a DTensor shard: FSDP2 applied to the output layer on its
             own, tensor parallelism), for which ``fused_linear=False`` works.
