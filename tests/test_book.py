@@ -72,6 +72,23 @@ def test_reliability_and_ece():
         metrics.reliability(probs, labels[:3])
 
 
+def test_calibrated_ece_is_the_binomial_noise_of_a_calibrated_model():
+    # confidence 1: always right, so every simulated ECE is exactly 0
+    sure = np.tile([0.0, 1.0, 0.0], (50, 1))
+    assert metrics.calibrated_ece(sure, n_draws=20).tolist() == [0.0] * 20
+    # one bin, confidence 0.7 on n = 400: ECE = |hits / n - 0.7| with hits
+    # ~ Binomial(n, 0.7); its mean is sqrt(2 / pi) * sqrt(0.7 * 0.3 / n)
+    probs = np.tile([0.7, 0.3], (400, 1))
+    draws = metrics.calibrated_ece(probs, n_draws=4000, seed=1)
+    expected = np.sqrt(2 / np.pi) * np.sqrt(0.21 / 400)
+    assert draws.shape == (4000,) and abs(draws.mean() / expected - 1) < 0.05
+    # seeded: the same draws again, other draws with another seed
+    np.testing.assert_array_equal(draws, metrics.calibrated_ece(probs, n_draws=4000, seed=1))
+    assert not np.array_equal(draws[:10], metrics.calibrated_ece(probs, n_draws=10, seed=2))
+    with pytest.raises(ValueError, match="probs must be"):
+        metrics.calibrated_ece(np.ones(5))
+
+
 def test_per_class_recall():
     recall = metrics.per_class_recall(np.array([0, 1, 1, 2, 0]), np.array([0, 1, 2, 2, 1]), 4)
     np.testing.assert_allclose(recall[:3], [1.0, 0.5, 0.5])

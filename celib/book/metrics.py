@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Reliability", "per_class_recall", "reliability"]
+__all__ = ["Reliability", "calibrated_ece", "per_class_recall", "reliability"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,30 @@ def reliability(probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndar
         mean_acc = np.bincount(which, correct, n_bins) / count
     ece = float(np.nansum(count / len(conf) * np.abs(mean_acc - mean_conf)))
     return Reliability(edges, mean_conf, mean_acc, count, ece)
+
+
+def calibrated_ece(
+    probs: torch.Tensor | np.ndarray, *, n_draws: int = 200, n_bins: int = 10, seed: int = 0
+) -> np.ndarray:
+    """ECEs a perfectly calibrated model with these confidences would score: the estimator's noise.
+
+    Each of ``n_draws`` simulations keeps ``probs`` (n, C) and draws new labels:
+    a prediction is right with probability equal to its confidence (its largest
+    probability), otherwise labelled with another class. The ECE of such a
+    model is 0 in expectation over infinitely many examples; on n examples it
+    is not. Returns the ``n_draws`` simulated ECEs (float64), seeded.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(f"probs must be (n, C) with C >= 2, got {probs.shape}.")
+    rng = np.random.default_rng(seed)
+    conf, pred = probs.max(1), probs.argmax(1)
+    wrong = (pred + 1) % probs.shape[1]
+    draws = [
+        reliability(probs, np.where(rng.random(len(conf)) < conf, pred, wrong), n_bins).ece
+        for _ in range(n_draws)
+    ]
+    return np.asarray(draws)
 
 
 def per_class_recall(pred: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, num_classes: int) -> np.ndarray:
