@@ -170,3 +170,24 @@ def test_solutions_run_every_block_in_its_own_namespace(tmp_path):
     path.write_text(json.dumps(nb))
     with pytest.raises(AssertionError):
         solutions.run(path, {"x": 1})
+
+
+def test_fit_stack_trains_each_network_as_fit_would_alone():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    nets = train.mlp_stack([3, 4], 5, 3, hidden=8)
+
+    def losses(z, t):  # (K, n, C), (K, n) -> (K,)
+        k, n, c = z.shape
+        return celib.cross_entropy(z.reshape(k * n, c), t.reshape(-1), reduction="none").view(k, n).mean(1)
+
+    train.fit_stack(nets, x.expand(2, -1, -1), y.expand(2, -1), losses, lr=torch.tensor([0.1, 0.5]), epochs=30)
+    for k, (seed, lr) in enumerate([(3, 0.1), (4, 0.5)]):
+        alone = train.linear_model(5, 3, hidden=8, seed=seed)
+        train.fit(alone, x, y, celib.cross_entropy, epochs=30, lr=lr, batch_size=40)
+        with torch.no_grad():
+            torch.testing.assert_close(nets(x.expand(2, -1, -1))[k], alone(x), rtol=1e-4, atol=1e-5)
+    # the two networks differ: each got its own seed and rate
+    with torch.no_grad():
+        out = nets(x.expand(2, -1, -1))
+    assert (out[0] - out[1]).abs().max() > 0.1
