@@ -108,6 +108,24 @@ def test_instruction_counter_on_a_known_listing():
     assert sass_instructions(sass) == (7, 3, 3)  # NOP and padding out; loop 0x30..0x60; exit at the third
 
 
+def test_special_function_counter_on_a_known_listing():
+    """``only="MUFU"`` counts the special-function instructions, predicated ones included, per region."""
+    from celib.kernels.tools.resources import sass_instructions
+
+    sass = """
+        /*0000*/                   MUFU.RCP R4, R5 ;
+        /*0010*/                   ISETP.NE.AND P0, PT, R1, RZ, PT ;
+        /*0020*/              @!P0 EXIT ;
+        /*0030*/                   MUFU.EX2 R2, R2 ;
+        /*0040*/               @P1 MUFU.EX2 R3, R3 ;
+        /*0050*/                   FMUL R2, R2, R3 ;
+        /*0060*/               @P0 BRA 0x30 ;
+        /*0070*/                   EXIT ;
+    """
+    assert sass_instructions(sass) == (8, 4, 3)
+    assert sass_instructions(sass, only="MUFU") == (3, 2, 1)
+
+
 def test_unit_class_stride_specialisation_saves_instructions():
     """A contiguous row's class stride is the constant 1 in a launch: fewer instructions per logit than
     the same kernel on a strided row (64-bit address arithmetic per element)."""

@@ -88,6 +88,7 @@ class Resources:
     instructions: int  # per thread: the whole kernel, or its loop over the row
     per_thread: int  # logits each thread handles per pass (block / (32 x warps))
     early_exit: int  # instructions up to the kernel's first EXIT (backward of one block: upstream 1)
+    special: int = 0  # special-function (MUFU: exp2, reciprocal, ...) instructions, counted as ``instructions``
 
     @property
     def warps_per_sm(self) -> int:
@@ -103,6 +104,11 @@ class Resources:
     @property
     def per_logit(self) -> float:
         return self.instructions / self.per_thread
+
+    @property
+    def special_per_logit(self) -> float:
+        """Special-function-unit instructions per logit (MUFU.EX2, MUFU.RCP, ...), counted as ``per_logit``."""
+        return self.special / self.per_thread
 
     @property
     def exit_per_logit(self) -> float:
@@ -185,11 +191,13 @@ def _specialise(fn, planned, target):
     return signature, constexprs, attrs
 
 
-def sass_instructions(sass: str) -> tuple[int, int, int]:
+def sass_instructions(sass: str, only: str | None = None) -> tuple[int, int, int]:
     """(instructions of the whole kernel, of its longest loop, up to its first EXIT) in cuobjdump's SASS.
 
     NOPs and the self-branch after EXIT (padding) are not counted. A loop is a branch to an earlier
-    address; its body is every instruction from the target to the branch.
+    address; its body is every instruction from the target to the branch. ``only``: count just the
+    instructions whose opcode starts with it (e.g. ``"MUFU"``, the special-function unit's), in the
+    same three regions.
     """
     lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
     code = [(int(addr, 16), text.strip()) for addr, text in lines]
@@ -199,12 +207,17 @@ def sass_instructions(sass: str) -> tuple[int, int, int]:
     while code and jumps and jumps[-1] == (code[-1][0], code[-1][0]):  # padding: a branch to itself
         code.pop()
         jumps.pop()
-    loop = 0
+    exits = [i for i, (_, t) in enumerate(code) if re.search(r"\bEXIT\b", t)]
+    to_exit = code[:exits[0] + 1] if exits else code
+    body: list = []
     for addr, start in jumps:
         if start < addr:
-            loop = max(loop, sum(1 for a, _ in code if start <= a <= addr))
-    exits = [i for i, (_, t) in enumerate(code) if re.search(r"\bEXIT\b", t)]
-    return len(code), loop, (exits[0] + 1 if exits else len(code))
+            span = [(a, t) for a, t in code if start <= a <= addr]
+            body = span if len(span) > len(body) else body
+    if only is not None:
+        code, body, to_exit = ([(a, t) for a, t in part if re.sub(r"^@!?U?P\w+\s+", "", t).startswith(only)]
+                               for part in (code, body, to_exit))
+    return len(code), len(body), len(to_exit)
 
 
 def compile_config(config: Config, capability: int) -> Resources:
@@ -238,15 +251,17 @@ def compile_config(config: Config, capability: int) -> Resources:
     block = planned.constexprs["BLOCK"]
     single = block >= config.num_classes
     total, loop, early_exit = sass_instructions(sass)
+    special_total, special_loop, _ = sass_instructions(sass, only="MUFU")
     per_thread = max(1, block // (32 * planned.num_warps))
     if config.kernel == "forward":
         kind = "forward (one block)" if single else "forward (two sweeps)" if config.two_sweeps else "forward (streamed)"
     else:
         kind = "backward (one block)" if config.skip_unit else "backward"
-    instructions = total if config.kernel == "forward" and single else loop
+    whole = config.kernel == "forward" and single
+    instructions, special = (total, special_total) if whole else (loop, special_loop)
     return Resources(kind, ARCHS[capability], config.dtype, block, planned.num_warps,
                      "+".join(config.features) or "index", config.layout, registers, int(spills.group(1)),
-                     int(spills.group(2)), instructions, per_thread, early_exit)
+                     int(spills.group(2)), instructions, per_thread, early_exit, special)
 
 
 #: Every option, one at a time, then all together (the most live values).
