@@ -173,21 +173,36 @@ def test_solutions_run_every_block_in_its_own_namespace(tmp_path):
 
 
 def test_fit_stack_trains_each_network_as_fit_would_alone():
+    """Each network on its own data, seed and rate: as fit would train it alone."""
     torch.manual_seed(0)
-    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    x, y = torch.randn(2, 40, 5), torch.randint(0, 3, (2, 40))
     nets = train.mlp_stack([3, 4], 5, 3, hidden=8)
 
     def losses(z, t):  # (K, n, C), (K, n) -> (K,)
         k, n, c = z.shape
         return celib.cross_entropy(z.reshape(k * n, c), t.reshape(-1), reduction="none").view(k, n).mean(1)
 
-    train.fit_stack(nets, x.expand(2, -1, -1), y.expand(2, -1), losses, lr=torch.tensor([0.1, 0.5]), epochs=30)
+    train.fit_stack(nets, x, y, losses, lr=[0.1, 0.5], epochs=30)
+    assert not any(p.requires_grad for p in nets.parameters())  # the caller's stack is left as it was
+    out = nets(x)
     for k, (seed, lr) in enumerate([(3, 0.1), (4, 0.5)]):
         alone = train.linear_model(5, 3, hidden=8, seed=seed)
-        train.fit(alone, x, y, celib.cross_entropy, epochs=30, lr=lr, batch_size=40)
+        train.fit(alone, x[k], y[k], celib.cross_entropy, epochs=30, lr=lr, batch_size=40)
         with torch.no_grad():
-            torch.testing.assert_close(nets(x.expand(2, -1, -1))[k], alone(x), rtol=1e-4, atol=1e-5)
-    # the two networks differ: each got its own seed and rate
-    with torch.no_grad():
-        out = nets(x.expand(2, -1, -1))
+            torch.testing.assert_close(out[k], alone(x[k]), rtol=1e-4, atol=1e-5)
     assert (out[0] - out[1]).abs().max() > 0.1
+
+
+def test_fit_stack_refuses_a_loss_averaged_over_networks_and_a_wrong_number_of_rates():
+    x, y = torch.randn(2, 10, 5), torch.randint(0, 3, (2, 10))
+    nets = train.mlp_stack([0, 1], 5, 3, hidden=4)
+    before = nets.w1.clone()
+
+    def averaged(z, t):  # one scalar for both networks: every gradient would be halved
+        return celib.cross_entropy(z.reshape(-1, 3), t.reshape(-1))
+
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        train.fit_stack(nets, x, y, averaged, lr=0.1, epochs=1)
+    with pytest.raises(ValueError, match="1 or 2 learning rates"):
+        train.fit_stack(nets, x, y, averaged, lr=[0.1, 0.2, 0.3], epochs=1)
+    assert torch.equal(nets.w1, before) and not nets.w1.requires_grad

@@ -91,6 +91,28 @@ def test_options_cost_only_when_on(table):
         assert h100["forward (streamed)", option] > plain + 1, option
 
 
+def test_special_function_work_within_its_budget_on_h100(table):
+    """Exponentials and reciprocals per logit, as chapter 5 counts them: one per pass plain, three per pass
+    with soft-capping (its tanh is an exponential and a reciprocal), against an H100's budget."""
+    from celib.kernels.tools.resources import special_budget
+
+    h100 = {(r["kernel"], r["features"], r["block"]): float(r["special/logit"]) for r in table
+            if r["GPU"] == "sm_90a" and r["dtype"] == "bfloat16" and r["layout"] == "contiguous"}
+    assert 0.9 < h100["forward (one block)", "index", "16384"] < 1.2
+    plain = h100["forward (streamed)", "index", "16384"] + h100["backward", "index", "16384"]
+    assert 1.9 < plain < 2.2 and plain < special_budget("streamed") / 3
+    capped = h100["forward (streamed)", "softcap", "8192"] + h100["backward", "softcap", "8192"]
+    assert 5.8 < capped < 6.4 < special_budget("streamed") == pytest.approx(7.5, abs=0.02)
+
+
+def test_one_block_backward_at_upstream_one_exits_before_any_special_function():
+    code = ("from celib.kernels.tools.resources import Config, compile_config; "
+            "r = compile_config(Config('backward', 16384, skip_unit=True), 90); "
+            "print(r.exit_special, r.special)")
+    exit_special, special = map(int, _script(code).split()[-2:])
+    assert exit_special == 0 and special > 0
+
+
 def test_instruction_counter_on_a_known_listing():
     from celib.kernels.tools.resources import sass_instructions
 
@@ -109,7 +131,7 @@ def test_instruction_counter_on_a_known_listing():
 
 
 def test_special_function_counter_on_a_known_listing():
-    """``only="MUFU"`` counts the special-function instructions, predicated ones included, per region."""
+    """``opcode="MUFU"`` counts the special-function instructions, predicated ones included, per region."""
     from celib.kernels.tools.resources import sass_instructions
 
     sass = """
@@ -123,7 +145,7 @@ def test_special_function_counter_on_a_known_listing():
         /*0070*/                   EXIT ;
     """
     assert sass_instructions(sass) == (8, 4, 3)
-    assert sass_instructions(sass, only="MUFU") == (3, 2, 1)
+    assert sass_instructions(sass, opcode="MUFU") == (3, 2, 1)
 
 
 def test_unit_class_stride_specialisation_saves_instructions():

@@ -56,7 +56,17 @@ def calibrated_ece(
     a prediction is right with probability equal to its confidence (its largest
     probability), otherwise labelled with another class. The ECE of such a
     model is 0 in expectation over infinitely many examples; on n examples it
-    is not. Returns the ``n_draws`` simulated ECEs (float64), seeded.
+    is not. (The name reads "the ECE of a calibrated model", not "the ECE
+    after calibration".)
+
+    Args:
+        probs: (n, C) predicted probabilities, float, C >= 2.
+        n_draws: how many label sets to simulate.
+        n_bins: equal-width confidence bins, as in :func:`reliability`.
+        seed: seeds the draws.
+
+    Returns:
+        The ``n_draws`` simulated ECEs, a float64 array (n_draws,).
     """
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] < 2:

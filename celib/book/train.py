@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +73,7 @@ def fit(
 
 @dataclass
 class MLPStack:
-    """K one-hidden-layer ReLU networks kept as stacked float32 parameters.
+    """K one-hidden-layer ReLU networks kept as stacked parameters (default dtype).
 
     ``w1`` (K, d, h), ``b1`` (K, 1, h), ``w2`` (K, h, C), ``b2`` (K, 1, C).
     Calling it on x (K, n, d), one input batch per network, gives logits
@@ -93,11 +93,14 @@ class MLPStack:
         return [self.w1, self.b1, self.w2, self.b2]
 
 
-def mlp_stack(seeds: list[int], in_features: int, num_classes: int, *, hidden: int) -> MLPStack:
+def mlp_stack(seeds: Sequence[int], in_features: int, num_classes: int, *, hidden: int) -> MLPStack:
     """K = len(seeds) networks, network k initialised exactly as
     ``linear_model(in_features, num_classes, hidden=hidden, seed=seeds[k])``."""
     nets = [linear_model(in_features, num_classes, hidden=hidden, seed=s) for s in seeds]
-    stack = lambda get: torch.stack([get(n).detach().clone() for n in nets])  # noqa: E731
+
+    def stack(get: Callable[[nn.Sequential], torch.Tensor]) -> torch.Tensor:
+        return torch.stack([get(n).detach().clone() for n in nets])
+
     return MLPStack(
         stack(lambda n: n[0].weight.T),
         stack(lambda n: n[0].bias[None]),
@@ -112,23 +115,43 @@ def fit_stack(
     y: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
-    lr: torch.Tensor,
+    lr: float | Sequence[float] | torch.Tensor,
     epochs: int,
 ) -> None:
     """Full-batch gradient descent on K networks at once, in place.
 
+    ``x`` (K, n, d) and ``y`` (K, n) hold each network's own batch.
     ``loss_fn(logits (K, n, C), y (K, n))`` returns the K networks' losses
-    (K,); network k steps with ``lr[k]``. The arithmetic is that of K
-    separate runs of :func:`fit` with ``batch_size=n`` (plain SGD), up to
-    the order of floating-point sums.
+    (K,); network k steps with ``lr[k]`` (one rate, or K). The arithmetic is
+    that of K separate runs of :func:`fit` with ``batch_size=n`` (plain
+    SGD), up to the order of floating-point sums.
+
+    Raises:
+        ValueError: ``lr`` holds neither 1 nor K rates, or ``loss_fn`` does
+            not return shape (K,) (a loss averaged over all networks would
+            divide every gradient by K).
     """
-    params = [p.requires_grad_() for p in nets.parameters()]
-    step = lr.to(params[0].dtype).view(-1, 1, 1)
-    for _ in range(epochs):
-        grads = torch.autograd.grad(loss_fn(nets(x), y).sum(), params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p -= step * g
+    params = nets.parameters()
+    k = params[0].shape[0]
+    step = torch.as_tensor(lr, dtype=params[0].dtype, device=params[0].device).reshape(-1)
+    if step.numel() not in (1, k):
+        raise ValueError(f"lr must hold 1 or {k} learning rates (one per network), got {step.numel()}.")
+    step = step.view(-1, 1, 1)
+    try:
+        for p in params:
+            p.requires_grad_()
+        for _ in range(epochs):
+            losses = loss_fn(nets(x), y)
+            if losses.shape != (k,):
+                raise ValueError(f"loss_fn must return the {k} networks' losses, shape ({k},), "
+                                 f"got shape {tuple(losses.shape)}.")
+            grads = torch.autograd.grad(losses.sum(), params)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p -= step * g
+    finally:
+        for p in params:
+            p.requires_grad_(False)
 
 
 @torch.no_grad()

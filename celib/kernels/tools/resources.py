@@ -30,7 +30,9 @@ with Triton's compiler, and reads:
   the instructions of its loop over the row divided by the logits one iteration
   handles per thread (with two sweeps, the persistent loop over rows, which holds
   both sweeps' loops: the cost per logit of both). It is the work one thread issues per value, not a
-  measured time: predicated-off code counts, stalls do not.
+  measured time: predicated-off code counts, stalls do not;
+- special-function-unit instructions (``MUFU``: exponentials, reciprocals, ...)
+  per logit, counted over the same instructions (:func:`special_budget`).
 
 An H100 SXM issues about 4 x 32 thread-instructions per cycle per SM, 132 SMs at
 about 1.98 GHz: 3.3e13 per second, or about 10 per byte of its 3.35 TB/s. A
@@ -51,7 +53,7 @@ import tempfile
 from dataclasses import dataclass
 
 __all__ = ["ARCHS", "BYTES_PER_LOGIT", "Config", "FEATURE_SETS", "HEADER", "Resources", "budget",
-           "compile_config", "configurations", "plan", "row", "sass_instructions", "table"]
+           "compile_config", "configurations", "plan", "row", "sass_instructions", "special_budget", "table"]
 
 #: (compute capability, ptxas -arch) of the GPUs checked: A100, H100, B200.
 ARCHS = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
@@ -60,6 +62,8 @@ REGISTERS_PER_SM, MAX_THREADS_PER_SM = 65536, 2048
 #: H100 SXM: thread-instructions issued per second (4 schedulers x 32 lanes x 132 SMs x 1.98 GHz) and
 #: HBM3 bandwidth in bytes per second.
 H100_ISSUE_PER_S, H100_BYTES_PER_S = 4 * 32 * 132 * 1.98e9, 3.35e12
+#: H100 SXM: special-function operations (MUFU: exp2, reciprocal, ...) per second, 16 per clock per SM.
+H100_SFU_PER_S = 16 * 132 * 1.98e9
 
 #: Bytes per logit, forward + backward at upstream 1, bf16: one block 1 R + 1 W, streamed 2 R + 1 W.
 BYTES_PER_LOGIT = {"one-block": 4, "streamed": 6}
@@ -68,6 +72,12 @@ BYTES_PER_LOGIT = {"one-block": 4, "streamed": 6}
 def budget(path: str) -> float:
     """Instructions per logit an H100 can issue in the time its memory moves that path's bytes."""
     return BYTES_PER_LOGIT[path] * H100_ISSUE_PER_S / H100_BYTES_PER_S
+
+
+def special_budget(path: str) -> float:
+    """Special-function operations per logit an H100 can do in the time its memory moves that path's
+    bytes (5 for one block, 7.5 streamed)."""
+    return BYTES_PER_LOGIT[path] * H100_SFU_PER_S / H100_BYTES_PER_S
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,8 @@ class Resources:
     instructions: int  # per thread: the whole kernel, or its loop over the row
     per_thread: int  # logits each thread handles per pass (block / (32 x warps))
     early_exit: int  # instructions up to the kernel's first EXIT (backward of one block: upstream 1)
-    special: int = 0  # special-function (MUFU: exp2, reciprocal, ...) instructions, counted as ``instructions``
+    special: int  # special-function (MUFU: exp2, reciprocal, ...) instructions, counted as ``instructions``
+    exit_special: int  # special-function instructions up to the first EXIT
 
     @property
     def warps_per_sm(self) -> int:
@@ -191,11 +202,11 @@ def _specialise(fn, planned, target):
     return signature, constexprs, attrs
 
 
-def sass_instructions(sass: str, only: str | None = None) -> tuple[int, int, int]:
+def sass_instructions(sass: str, *, opcode: str | None = None) -> tuple[int, int, int]:
     """(instructions of the whole kernel, of its longest loop, up to its first EXIT) in cuobjdump's SASS.
 
     NOPs and the self-branch after EXIT (padding) are not counted. A loop is a branch to an earlier
-    address; its body is every instruction from the target to the branch. ``only``: count just the
+    address; its body is every instruction from the target to the branch. ``opcode``: count just the
     instructions whose opcode starts with it (e.g. ``"MUFU"``, the special-function unit's), in the
     same three regions.
     """
@@ -209,13 +220,13 @@ def sass_instructions(sass: str, only: str | None = None) -> tuple[int, int, int
         jumps.pop()
     exits = [i for i, (_, t) in enumerate(code) if re.search(r"\bEXIT\b", t)]
     to_exit = code[:exits[0] + 1] if exits else code
-    body: list = []
+    body: list[tuple[int, str]] = []
     for addr, start in jumps:
         if start < addr:
             span = [(a, t) for a, t in code if start <= a <= addr]
             body = span if len(span) > len(body) else body
-    if only is not None:
-        code, body, to_exit = ([(a, t) for a, t in part if re.sub(r"^@!?U?P\w+\s+", "", t).startswith(only)]
+    if opcode is not None:  # drop a predicate (@P0, @!UP1) before comparing
+        code, body, to_exit = ([(a, t) for a, t in part if re.sub(r"^@!?U?P\w+\s+", "", t).startswith(opcode)]
                                for part in (code, body, to_exit))
     return len(code), len(body), len(to_exit)
 
@@ -251,7 +262,7 @@ def compile_config(config: Config, capability: int) -> Resources:
     block = planned.constexprs["BLOCK"]
     single = block >= config.num_classes
     total, loop, early_exit = sass_instructions(sass)
-    special_total, special_loop, _ = sass_instructions(sass, only="MUFU")
+    special_total, special_loop, exit_special = sass_instructions(sass, opcode="MUFU")
     per_thread = max(1, block // (32 * planned.num_warps))
     if config.kernel == "forward":
         kind = "forward (one block)" if single else "forward (two sweeps)" if config.two_sweeps else "forward (streamed)"
@@ -261,7 +272,7 @@ def compile_config(config: Config, capability: int) -> Resources:
     instructions, special = (total, special_total) if whole else (loop, special_loop)
     return Resources(kind, ARCHS[capability], config.dtype, block, planned.num_warps,
                      "+".join(config.features) or "index", config.layout, registers, int(spills.group(1)),
-                     int(spills.group(2)), instructions, per_thread, early_exit, special)
+                     int(spills.group(2)), instructions, per_thread, early_exit, special, exit_special)
 
 
 #: Every option, one at a time, then all together (the most live values).
@@ -318,17 +329,18 @@ def table(jobs: int = 2) -> list[Resources]:
 
 
 HEADER = ("| kernel | GPU | dtype | block | warps | features | layout | registers/thread | spill bytes | "
-          "warps/SM | instructions/logit | to first EXIT/logit |")
+          "warps/SM | instructions/logit | to first EXIT/logit | special/logit |")
 
 
 def row(r: Resources) -> str:
     return (f"| {r.kernel} | {r.arch} | {r.dtype} | {r.block} | {r.num_warps} | {r.features} | {r.layout} | "
-            f"{r.registers} | {r.spills} | {r.warps_per_sm} | {r.per_logit:.1f} | {r.exit_per_logit:.1f} |")
+            f"{r.registers} | {r.spills} | {r.warps_per_sm} | {r.per_logit:.1f} | {r.exit_per_logit:.1f} | "
+            f"{r.special_per_logit:.1f} |")
 
 
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "0"
     print(HEADER)
-    print("|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for r in table():
         print(row(r))
