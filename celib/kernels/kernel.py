@@ -386,18 +386,13 @@ def forward_kernel(
     One program per row; with ``TWO_SWEEPS`` a persistent grid whose programs take rows pid, pid + P,
     ... so that the rows in flight, read again at once, can still be in L2.
     """
-    if TWO_SWEEPS:
-        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-            _forward_row(tl.cast(row, tl.int64), logits_ptr, stride_ln, stride_ls, stride_lc,
-                         target_ptr, stride_tn, stride_ts, stride_tc, weight_ptr,
-                         grad_ptr, stride_gn, stride_gs, stride_gc,
-                         loss_ptr, lse_ptr, stats_ptr, grad_scale_ptr,
-                         n_rows, n_inner, n_cols, ignore_index, smoothing, z_loss, softcap,
-                         PROB_TARGET=PROB_TARGET, HAS_WEIGHT=HAS_WEIGHT, HAS_SMOOTHING=HAS_SMOOTHING,
-                         HAS_Z_LOSS=HAS_Z_LOSS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_CLASS_MASS=HAS_CLASS_MASS,
-                         COMPUTE_GRAD=COMPUTE_GRAD, BLOCK=BLOCK, SINGLE_BLOCK=SINGLE_BLOCK, TWO_SWEEPS=TWO_SWEEPS)
-    else:
-        _forward_row(tl.program_id(0).to(tl.int64), logits_ptr, stride_ln, stride_ls, stride_lc,
+    # One row per program, or, on a persistent grid, rows pid, pid + P, ...: the trip count is the constant
+    # 1 without TWO_SWEEPS, so the compiler drops the loop (one it cannot drop doubles a one-block row's
+    # registers).
+    pid = tl.program_id(0).to(tl.int64)
+    n_mine = tl.cdiv(n_rows - pid, tl.num_programs(0)) if TWO_SWEEPS else 1
+    for i in range(n_mine):
+        _forward_row(pid + i * tl.num_programs(0), logits_ptr, stride_ln, stride_ls, stride_lc,
                      target_ptr, stride_tn, stride_ts, stride_tc, weight_ptr,
                      grad_ptr, stride_gn, stride_gs, stride_gc,
                      loss_ptr, lse_ptr, stats_ptr, grad_scale_ptr,
