@@ -106,7 +106,9 @@ class _ShardRowLoss:
             total, z_t, z_sum = packed
             lse = m + total.log()
             self.lse[rows] = lse
-            loss = (1 - a) * (lse - z_t) + a * (lse - z_sum / self.num_classes) + o.z_loss * lse.square()
+            loss = (1 - a) * (lse - z_t) + o.z_loss * lse.square()
+            if a:  # only then: with a -inf logit z_sum is -inf, and 0 * inf would make the loss nan
+                loss = loss + a * (lse - z_sum / self.num_classes)
             loss = torch.where(kept, loss, torch.zeros_like(loss))
         if want_grad:
             s = scale.to(z.dtype) * kept

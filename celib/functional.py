@@ -118,6 +118,7 @@ def cross_entropy(
         ...
         celib.errors.InputError: ...
     """
+    _backend.check(backend)  # here: a probability target that requires a gradient skips use_kernel
     reduction = validate.legacy_reduction(size_average, reduce, reduction)
     options = validate.cross_entropy_options(input, target, weight, ignore_index, reduction, label_smoothing,
                                              z_loss, softcap)
@@ -165,12 +166,13 @@ def _z_term(
 ) -> torch.Tensor:
     """``z_loss * lse**2`` over kept positions, reduced like the cross-entropy it is added to."""
     if validate.is_index_target(target):
-        kept = (target != ignore_index).to(lse.dtype)
+        kept = target != ignore_index
         denominator = _reduction.kept_weight(target, weight, ignore_index, lse.dtype).sum()
     else:
-        kept = torch.ones_like(lse)
+        kept = torch.ones_like(lse, dtype=torch.bool)
         denominator = torch.tensor(float(lse.numel()), dtype=lse.dtype, device=lse.device)
-    return _reduction.reduce(z_loss * lse.square() * kept, reduction, denominator)
+    lse = torch.where(kept, lse, torch.zeros_like(lse))  # an ignored row's lse may be -inf: 0, not inf * 0
+    return _reduction.reduce(z_loss * lse.square(), reduction, denominator)
 
 
 def nll_loss(

@@ -170,6 +170,7 @@ def cross_entropy(
         loss = loss[0] if np.ndim(input) == 1 else loss
         return _reduce(loss, reduction, logp.size / num_classes)
     _, t, kept, w, w_t = _index_parts(input, target, weight, ignore_index)
+    logp = np.where(kept[..., None], logp, 0.0)  # ignored rows add 0, even with -inf logits
     loss = (1 - a) * w_t * -_pick(logp, t)
     if a:  # the smoothing term: a/C times the weighted loss against every class
         loss = loss + a / num_classes * kept * -np.sum(w * logp, axis=-1)
@@ -235,8 +236,8 @@ def nll_loss(
     reduction: str = "mean",
 ) -> np.ndarray:
     """Negative log-likelihood: ``-weight[t] * input[t]`` per position (input holds log-probabilities)."""
-    logp, t, _, _, w_t = _index_parts(input, target, weight, ignore_index)
-    loss = -_pick(logp, t) * w_t
+    logp, t, kept, _, w_t = _index_parts(input, target, weight, ignore_index)
+    loss = -np.where(kept, _pick(logp, t), 0.0) * w_t  # ignored rows add 0, even at a -inf input
     loss = loss[0] if np.ndim(input) == 1 else loss
     return _reduce(loss, reduction, np.sum(w_t))
 
@@ -307,8 +308,8 @@ def focal_loss(
     reduction: str = "mean",
 ) -> np.ndarray:
     """Softmax focal loss -w_t (1 - p_t)^gamma log p_t; mean divides by the summed w_t of kept targets."""
-    z, t, _, _, w_t = _index_parts(input, target, weight, ignore_index)
-    logp_t = _pick(log_softmax(z), t)
+    z, t, kept, _, w_t = _index_parts(input, target, weight, ignore_index)
+    logp_t = np.where(kept, _pick(log_softmax(z), t), 0.0)  # ignored rows add 0, even with -inf logits
     loss = -w_t * (1 - np.exp(logp_t)) ** gamma * logp_t
     loss = loss[0] if np.ndim(input) == 1 else loss
     return _reduce(loss, reduction, np.sum(w_t))

@@ -139,7 +139,7 @@ def scenario_float32(rank: int, world: int) -> None:
 
 
 def scenario_edge_cases(rank: int, world: int) -> None:
-    """All targets ignored; every target on rank 0 (the other ranks own none); an empty batch."""
+    """All targets ignored; every target on rank 0 (the other ranks own none); an empty batch; -inf logits."""
     g = torch.Generator().manual_seed(2)
     vocab = 20
     full = torch.randn(6, vocab, generator=g, dtype=torch.float64)
@@ -148,6 +148,12 @@ def scenario_edge_cases(rank: int, world: int) -> None:
     _compare(rank, world, full, torch.full((6,), -100), sizes, 1e-12, reduction="sum")
     _compare(rank, world, full, torch.randint(0, sizes[0], (6,), generator=g), sizes, 1e-12, label_smoothing=0.1)
     _compare(rank, world, full[:0], torch.zeros(0, dtype=torch.long), sizes, 1e-12, reduction="sum")
+    masked = full.clone()
+    masked[:, [3, vocab - 1]] = -torch.inf  # a padded vocabulary: classes that no target uses
+    used = torch.randint(4, vocab - 1, (6,), generator=g)
+    for kwargs in (dict(), dict(reduction="none"), dict(z_loss=1e-2)):  # finite (was nan without smoothing)
+        _compare(rank, world, masked, used, sizes, 1e-12, **kwargs)
+    _compare(rank, world, masked, used, sizes, 1e-12, label_smoothing=0.1)  # inf, as PyTorch
 
 
 def scenario_bad_target_raises_on_every_rank(rank: int, world: int) -> None:

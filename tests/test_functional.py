@@ -426,3 +426,24 @@ def test_triton_supported_reads_the_installed_version(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert _versions.triton_supported() is False
     _versions.triton_supported.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if kernels.available() else []))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_of_an_ignored_row_of_minus_inf_logits_is_0(backend, reduction):
+    """An ignored row whose logits are all -inf (its lse is -inf) adds nothing: on the torch backend
+    z_loss * lse**2 * 0 was inf * 0 = nan; the kernel masks the row."""
+    x = torch.tensor([[-torch.inf] * 3, [0.5, 2.0, -1.0]])
+    t = torch.tensor([-100, 1])
+    loss = celib.cross_entropy(x, t, z_loss=0.1, reduction=reduction, backend=backend)
+    lse = torch.logsumexp(x[1], 0)
+    row = F.cross_entropy(x[1:], t[1:], reduction="sum") + 0.1 * lse**2
+    expected = torch.stack([torch.tensor(0.0), row]) if reduction == "none" else row
+    torch.testing.assert_close(loss, expected)
+
+
+def test_an_unknown_backend_is_refused_with_a_probability_target_that_requires_grad():
+    x = torch.randn(3, 4)
+    probs = torch.softmax(torch.randn(3, 4), 1).requires_grad_()
+    with pytest.raises(InputError, match="backend='bogus'"):
+        celib.cross_entropy(x, probs, backend="bogus")

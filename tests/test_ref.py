@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import celib
 import celib.ref as ref
 from tests.cases import CECase, cross_entropy_cases
 
@@ -130,3 +131,21 @@ def test_ref_imports_no_framework_and_has_no_python_loops():
     assert imported <= {"numpy", "__future__"}, imported
     loops = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While, ast.comprehension))]
     assert loops == []
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(label_smoothing=0.1), dict(weight=[1.0, 2.0, 0.5])])
+def test_an_ignored_row_with_a_minus_inf_logit_adds_0(kwargs):
+    """The placeholder class of an ignored row (0) may have a -inf logit: 0, not 0 * inf = nan, and no
+    floating-point warning."""
+    z = np.array([[-np.inf, 0.0, 0.0], [0.0, 1.0, 2.0], [0.5, -np.inf, 1.0]])
+    t = np.array([-100, 1, 2])
+    torch_kwargs = {k: torch.tensor(v, dtype=torch.float64) if k == "weight" else v for k, v in kwargs.items()}
+    with np.errstate(all="raise"):
+        got = ref.cross_entropy(z, t, **kwargs)
+        got_nll = ref.nll_loss(ref.log_softmax(z), t, weight=kwargs.get("weight"))
+        got_focal = ref.focal_loss(z, t, weight=kwargs.get("weight"), gamma=2.0)
+    zt, tt = torch.tensor(z), torch.tensor(t)
+    assert got == pytest.approx(F.cross_entropy(zt, tt, **torch_kwargs).item(), rel=1e-12)
+    w = torch_kwargs.get("weight")
+    assert got_nll == pytest.approx(F.nll_loss(torch.log_softmax(zt, 1), tt, weight=w).item(), rel=1e-12)
+    assert got_focal == pytest.approx(celib.focal_loss(zt, tt, w, gamma=2.0).item(), rel=1e-12)
