@@ -7,7 +7,8 @@
 
 Time: the median of ``--repeats`` runs, the implementations interleaved in one process so that
 machine load affects them alike. Memory, on the CPU: the growth of the peak resident set size
-(``VmHWM`` in ``/proc/self/status``, reset before the call) of a fresh subprocess that builds the inputs, then runs one forward + backward of
+(``VmHWM`` in ``/proc/self/status``, reset before the call) of a process of its own (forked from a fresh
+interpreter that has only imported torch and celib) that builds the inputs, then runs one forward + backward of
 one implementation. That counts everything the call allocates (temporaries included), not only
 what PyTorch's allocator reports. On a CUDA GPU: CUDA-event times and ``max_memory_allocated``.
 
@@ -80,13 +81,52 @@ def measure_in_this_process(name: str, n: int, h: int, v: int, dtype: str = "flo
     return rss_mb("VmHWM") - before
 
 
-def peak_memory_mb(name: str, n: int, h: int, v: int, dtype: str = "float32") -> float:
-    """Peak RSS growth (MB) of one fwd+bwd of ``name``, in a fresh process (CPU, Linux)."""
-    code = ("import sys; sys.path.insert(0, %r); import bench_linear_ce as b; "
-            "print(b.measure_in_this_process(%r, %d, %d, %d, %r))") % (
-                os.path.dirname(os.path.abspath(__file__)), name, n, h, v, dtype)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+# Run by peak_memory_mb in a fresh interpreter: import torch and celib once (no computation yet), then fork a
+# child per measurement, ``parallel`` at a time. A child starts from that state, as a fresh process would,
+# without paying the imports (about 1.6 s each); forking before any computation is safe (no thread pools yet).
+_FORK_SERVER = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import bench_linear_ce as b
+jobs, parallel = json.loads(sys.argv[2]), int(sys.argv[3])
+results, running = [None] * len(jobs), {}
+
+def reap():
+    pid, status = os.wait()
+    i, r = running.pop(pid)
+    text = os.read(r, 64).decode()
+    os.close(r)
+    if status != 0 or not text:
+        raise RuntimeError(f"measurement {jobs[i]} failed (exit status {status})")
+    results[i] = float(text)
+
+for i, job in enumerate(jobs):
+    if len(running) == parallel:
+        reap()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            os.write(w, repr(b.measure_in_this_process(*job)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    running[pid] = (i, r)
+while running:
+    reap()
+print(json.dumps(results))
+"""
+
+
+def peak_memory_mb(jobs: list[tuple], parallel: int = 1) -> list[float]:
+    """Peak RSS growth (MB) of one fwd+bwd per job ``(name, n, h, v[, dtype])``, each in its own process
+    (CPU, Linux): children forked, ``parallel`` at a time, from a fresh interpreter that has only imported
+    torch and celib."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _FORK_SERVER, here, json.dumps([list(j) for j in jobs]),
+                          str(parallel)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def cpu_table(shapes, repeats: int, dtype: str = "float32") -> list[dict]:
@@ -104,7 +144,7 @@ def cpu_table(shapes, repeats: int, dtype: str = "float32") -> list[dict]:
                 times[name].append(time.perf_counter() - start)
         for name in IMPLEMENTATIONS:
             rows.append(dict(shape=(n, h, v), name=name, seconds=statistics.median(times[name]),
-                             peak_mb=peak_memory_mb(name, n, h, v, dtype), loss=losses[name]))
+                             peak_mb=peak_memory_mb([(name, n, h, v, dtype)])[0], loss=losses[name]))
     return rows
 
 
