@@ -1,9 +1,10 @@
 """What a cross-entropy call computes, as one value: :class:`LossOptions`.
 
 Built once per call by :func:`celib.validate.loss_options` (after the checks),
-then passed whole to every backend and every chunk: the row losses of the
-chunk engine (:mod:`celib._chunks`), the Triton launches of
-:mod:`celib.kernels.launch`, and the vocabulary-parallel losses. It is also the one place the kernel's
+then passed whole to the Triton launches of :mod:`celib.kernels.launch`, the
+row losses of the chunk engine (:mod:`celib._chunks`) and the vocabulary-parallel
+losses. (``celib.cross_entropy``'s PyTorch path passes its arguments to
+``F.cross_entropy`` as they are.) It is also the one place the kernel's
 compile-time flags are derived (:meth:`LossOptions.kernel_flags`).
 
 ``torch.library`` ops take only tensors and scalars, so an op's signature lists

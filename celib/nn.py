@@ -50,7 +50,9 @@ class CrossEntropyLoss(nn.Module):
         self.inplace_backward = inplace_backward
         self.loss_dtype = loss_dtype
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The loss, or ``(loss, lse)`` with ``return_lse=True`` (see :func:`celib.cross_entropy`)."""
         return functional.cross_entropy(
             input,
             target,

@@ -80,7 +80,8 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reduce(loss_sum_or_mean: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+def _per_item(loss_sum_or_mean: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+    """The summed loss over transformers' ``num_items_in_batch``; without it, the mean as it is."""
     if num_items_in_batch is None:
         return loss_sum_or_mean
     if torch.is_tensor(num_items_in_batch):
@@ -129,7 +130,7 @@ def causal_lm_loss(
     loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
                          ignore_index=ignore_index, reduction=reduction, backend=backend,
                          loss_dtype=_loss_dtype(logits.dtype))
-    return _reduce(loss, num_items_in_batch)
+    return _per_item(loss, num_items_in_batch)
 
 
 def _targets(labels: torch.Tensor, shifted: torch.Tensor | None, positions: torch.Size,
@@ -286,7 +287,7 @@ def _fused_forward(model: torch.nn.Module, *args: Any, **kwargs: Any):
         reduction="mean" if num_items is None else "sum", softcap=options.softcap,
         chunk_size=options.chunk_size, backend=options.backend, loss_dtype=_loss_dtype(hidden.dtype))
     fields = dict(output.items())  # a new output: ModelOutput keeps a key set to None in its tuple view
-    fields["loss"] = _reduce(loss, num_items)
+    fields["loss"] = _per_item(loss, num_items)
     if not keep_logits:
         fields.pop("logits", None)
     output = type(output)(**fields)
