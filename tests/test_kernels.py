@@ -476,3 +476,16 @@ def test_masked_logits_probability_targets(max_block, smoothing):
     loss, grad = _check_masked(x, q, max_block=max_block, label_smoothing=smoothing)
     assert torch.isfinite(grad).all()
     assert torch.isfinite(loss).all() if not smoothing else torch.isinf(loss).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_index_targets_that_are_views_with_a_stride(reduction):
+    """A column of a label table, every other label, or an expanded label: the target is a view whose
+    elements are not one apart (the kernel read them as if they were: a wrong loss, no error)."""
+    torch.manual_seed(4)
+    x = torch.randn(6, 11)
+    table = torch.randint(0, 11, (6, 3))
+    for target in (table[:, 1], torch.randint(0, 11, (12,))[::2], torch.tensor(7).expand(6)):
+        assert target.stride(0) != 1
+        check(x, target, reduction=reduction)
+        check(x, target, reduction=reduction, max_block=4)  # streamed rows

@@ -334,3 +334,16 @@ def test_an_ignored_row_with_a_masked_class_0_is_not_nan(backend):
                                                             chunk_size=3, backend=backend), x, w, b)
     for a, e in zip(ours[:3], theirs[:3]):  # the bias's gradient at the -inf class is nan in both
         assert torch.allclose(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+def test_triton_backend_reads_a_strided_index_target():
+    """linear_cross_entropy hands the target to the kernel's launcher: a column view must be read with its
+    stride (it was read as if contiguous)."""
+    x, w, b, _ = _inputs(n=9, dtype=torch.float32, ignored=0.0)
+    table = torch.randint(0, w.shape[0], (9, 2), generator=torch.Generator().manual_seed(5))
+    t = table[:, 0]
+    assert t.stride(0) == 2
+    got = celib.linear_cross_entropy(x, w, t, linear_bias=b, backend="triton")
+    expected = F.cross_entropy(F.linear(x, w, b), t)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

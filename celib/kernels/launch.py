@@ -190,10 +190,11 @@ def _row_args(prefix: str, t: torch.Tensor) -> dict:
 
 
 def _target_args(target: torch.Tensor) -> dict:
-    """Index targets (N*S,) read with a row stride of 1; probabilities (N, C, S) with their strides."""
+    """Index targets (N*S,) with their stride (a column ``t[:, 0]``, ``t[::2]`` or an expanded target is a
+    view, not a copy); probabilities (N, C, S) with their strides."""
     if target.is_floating_point():
         return _row_args("target", target)
-    return dict(target_ptr=target, stride_tn=1, stride_ts=0, stride_tc=0)
+    return dict(target_ptr=target, stride_tn=target.stride(0), stride_ts=0, stride_tc=0)
 
 
 def _weight(weight: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
