@@ -85,7 +85,7 @@ def measure_in_this_process(name: str, n: int, h: int, v: int, dtype: str = "flo
 # child per measurement, ``parallel`` at a time. A child starts from that state, as a fresh process would,
 # without paying the imports (about 1.6 s each); forking before any computation is safe (no thread pools yet).
 _FORK_SERVER = r"""
-import json, os, sys
+import json, os, sys, traceback
 sys.path.insert(0, sys.argv[1])
 import bench_linear_ce as b
 jobs, parallel = json.loads(sys.argv[2]), int(sys.argv[3])
@@ -109,8 +109,10 @@ for i, job in enumerate(jobs):
         os.close(r)
         try:
             os.write(w, repr(b.measure_in_this_process(*job)).encode())
-        finally:
             os._exit(0)
+        except BaseException:
+            traceback.print_exc()  # to the parent's stderr, which peak_memory_mb raises with
+            os._exit(1)
     os.close(w)
     running[pid] = (i, r)
 while running:
@@ -125,7 +127,9 @@ def peak_memory_mb(jobs: list[tuple], parallel: int = 1) -> list[float]:
     torch and celib."""
     here = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run([sys.executable, "-c", _FORK_SERVER, here, json.dumps([list(j) for j in jobs]),
-                          str(parallel)], capture_output=True, text=True, check=True)
+                          str(parallel)], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"peak-memory measurement failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
