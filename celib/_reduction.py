@@ -18,7 +18,7 @@ import torch
 
 from celib._options import LossOptions
 
-__all__ = ["grad_scale", "kept_weight", "mean_scale", "reduce"]
+__all__ = ["accumulator", "grad_scale", "kept_weight", "mean_scale", "reduce"]
 
 
 def kept_weight(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
@@ -58,14 +58,24 @@ def grad_scale(denominator: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator != 0, 1 / denominator, torch.zeros_like(denominator))
 
 
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and denominators are formed in: float32 for half precision, else ``dtype``.
+
+    (A float16 count or sum overflows at 65 504: a mean over more elements would be 0 or nan.)
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def reduce(rows: torch.Tensor, reduction: str, denominator: torch.Tensor | None = None) -> torch.Tensor:
     """``rows`` as they are (``"none"``), summed (``"sum"``), or summed and divided by ``denominator``
-    (``"mean"``); where it is 0, the sum / 0 (nan or +-inf, as PyTorch) with a zero gradient."""
+    (``"mean"``); where it is 0, the sum / 0 (nan or +-inf, as PyTorch) with a zero gradient. A mean is
+    formed in :func:`accumulator`'s dtype and returned in the rows' dtype."""
     if reduction == "none":
         return rows
-    total = rows.sum()
     if reduction == "sum":
-        return total
+        return rows.sum()
+    acc = accumulator(rows.dtype)
+    total, denominator = rows.sum(dtype=acc), denominator.to(acc)
     nonzero = denominator != 0
     safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
-    return torch.where(nonzero, total / safe, (total / denominator).detach())
+    return torch.where(nonzero, total / safe, (total / denominator).detach()).to(rows.dtype)

@@ -136,6 +136,15 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
                 "target as class probabilities, which must have the input's shape.",
                 "convert the class indices with target.long().",
             ))
+        else:
+            findings.append(Finding(
+                "target-shape",
+                f"target has dtype {target.dtype} and shape {tuple(target.shape)}, which fits neither input "
+                f"shape {tuple(input.shape)} (class probabilities) nor "
+                f"{tuple(input.shape[:class_dim] + input.shape[class_dim + 1:])} (class indices).",
+                "give probabilities of the input's shape, or class indices (target.long()) of the input's shape "
+                "without its class dimension.",
+            ))
         return findings
 
     if target.dtype != torch.int64:

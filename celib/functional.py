@@ -90,8 +90,8 @@ def cross_entropy(
         inplace_backward: Triton kernel only: write the gradient over the
             logits' storage to save memory; the input's values are destroyed.
             The PyTorch path ignores it.
-        loss_dtype: dtype of the returned loss; ``None`` keeps the input's dtype
-            (as PyTorch). ``torch.float32`` returns a float32 loss for half inputs,
+        loss_dtype: dtype of the returned loss; ``None`` gives PyTorch's: the
+            input's dtype, promoted with a probability target's. ``torch.float32`` returns a float32 loss for half inputs,
             computed in float32 on every backend: the kernel always computes in
             float32; the torch backend then works on a float32 copy of the
             logits (N x C x 4 bytes more memory, and its gradient). Under ``torch.autocast``
@@ -200,6 +200,8 @@ def nll_loss(
     reduction = validate.legacy_reduction(size_average, reduce, reduction)
     validate.check_classification_args(input, target, weight, reduction, allow_probabilities=False)
     validate.check_target_range(target, validate.num_classes(input), ignore_index)
+    if weight is not None and weight.dtype != input.dtype:
+        weight = weight.to(input.dtype)  # as cross_entropy: PyTorch wants the input's dtype
     return F.nll_loss(input, target.long(), weight, ignore_index=ignore_index, reduction=reduction)
 
 
@@ -343,13 +345,16 @@ def sigmoid_focal_loss(
 
     Args:
         inputs: logits, float, any shape.
-        targets: same shape, 0/1 (or soft) labels.
+        targets: same shape, 0/1 (or soft) labels in [0, 1] (checked: reads
+            the targets, so a device synchronisation, skipped under
+            ``torch.compile``).
     """
     _check_elementwise(inputs, targets, reduction)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise InputError(f"alpha must be a number (a negative one drops the alpha factor), got {type(alpha).__name__}; "
                          f"the positions are torchvision's: sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction).")
     _check_gamma(gamma)
+    validate.check_probabilities("targets", targets, "Labels in {-1, 1} map to {0, 1} with (targets + 1) / 2.")
     ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     # (1 - p_t)^gamma as exp(gamma * log(1 - p_t)), with 1 - p_t = y sigma(-x) + (1 - y) sigma(x) in log
     # form: finite, with a finite gradient, for every finite logit. The literal (1 - p_t) ** gamma is 0 when
@@ -360,7 +365,8 @@ def sigmoid_focal_loss(
     loss = ce * torch.exp(gamma * log_1m_pt) if gamma else ce
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return _reduction.reduce(loss, reduction, torch.tensor(float(loss.numel()), dtype=loss.dtype, device=loss.device))
+    count = torch.tensor(float(loss.numel()), dtype=_reduction.accumulator(loss.dtype), device=loss.device)
+    return _reduction.reduce(loss, reduction, count)
 
 
 def focal_loss(
@@ -413,4 +419,4 @@ def focal_loss(
         one_minus_p = (-torch.expm1(logp_t)).clamp_min(torch.finfo(input.dtype).tiny)
         loss = loss * one_minus_p**gamma
     loss = torch.where(kept, loss, torch.zeros_like(loss))
-    return _reduction.reduce(loss, reduction, w_t.sum())
+    return _reduction.reduce(loss, reduction, w_t.sum(dtype=_reduction.accumulator(w_t.dtype)))

@@ -49,14 +49,18 @@ def streaming_logsumexp(
         block = z[:, start : start + block_size]
         block_max = block.max(axis=1)
         new_m = np.maximum(m, block_max)
+        # While a row has seen only -inf, exp(-inf - (-inf)) would be nan:
+        # shift by 0 there instead (every term is then exp(-inf) = 0).
+        shift = np.where(new_m == -np.inf, 0.0, new_m)
         # rescale what we had to the new max, then add this block's terms
-        terms = np.exp(block - new_m[:, None]).sum(axis=1)
-        s = s * np.exp(m - new_m) + terms
+        terms = np.exp(block - shift[:, None]).sum(axis=1)
+        s = s * np.exp(m - shift) + terms
         m = new_m
         trace.block_max = np.vstack([trace.block_max, block_max])
         trace.running_max = np.vstack([trace.running_max, m])
         trace.running_sum = np.vstack([trace.running_sum, s])
-    return m + np.log(s), trace
+    with np.errstate(divide="ignore"):  # a row of -inf only: log 0 = -inf
+        return m + np.log(s), trace
 
 
 def streaming_cross_entropy(

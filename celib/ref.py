@@ -190,9 +190,10 @@ def cross_entropy_grad(
 
     Per position, with smoothed target q and softmax p, the gradient is
     ``sum(w * q) * p - w * q``; with one-hot q and no weights, p - y.
-    For ``reduction="none"`` this is the gradient of the summed losses. If
-    every target is ignored the gradient is 0 (the loss is nan under
-    ``"mean"``). Returns an array of the input's shape.
+    For ``reduction="none"`` this is the gradient of the summed losses.
+    Where the mean's denominator is 0 (every target ignored, or class
+    weights summing to 0 over the kept targets) the loss is nan or +-inf
+    and the gradient is taken as 0. Returns an array of the input's shape.
     """
     a, target = label_smoothing, np.asarray(target)
     z = _classes_last(np.asarray(input, dtype=np.float64))
@@ -217,9 +218,11 @@ def cross_entropy_grad(
         np.put_along_axis(grad, t[..., None], at_target[..., None], axis=-1)
         denominator = np.sum(w_t)
     if reduction == "mean":
-        # When every target is ignored the mean loss is 0/0 = nan, but
-        # nothing depends on the logits: the gradient is 0, as in PyTorch.
-        grad = grad / denominator if denominator != 0 else grad
+        # A denominator of 0 (every target ignored, or class weights that
+        # cancel) makes the mean nan or +-inf; its gradient is taken as 0,
+        # as in PyTorch when every target is ignored, and in celib's
+        # kernels for both cases (PyTorch gives inf or nan for the second).
+        grad = grad / denominator if denominator != 0 else np.zeros_like(grad)
     elif reduction not in ("none", "sum"):
         raise ValueError(
             f"reduction={reduction!r} is not supported; use 'none', 'mean' "

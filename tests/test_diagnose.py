@@ -47,6 +47,13 @@ def test_target_dtype_int32_and_float_indices():
     assert [f.code for f in found] == ["target-dtype"] and "target.long()" in found[0].fix
 
 
+def test_float_target_of_neither_shape():
+    for target in (torch.rand(5), torch.rand(8, 4)):  # a wrong batch size; a class count the input lacks
+        found = celib.diagnose(LOGITS, target)
+        assert [f.code for f in found] == ["target-shape"]
+        assert str(tuple(target.shape)) in found[0].message and "(8, 5)" in found[0].message
+
+
 def test_target_out_of_range():
     found = celib.diagnose(LOGITS, torch.tensor([0, 1, 5, 3, 4, 0, -1, 2]))
     assert [f.code for f in found] == ["target-out-of-range"]

@@ -447,3 +447,38 @@ def test_an_unknown_backend_is_refused_with_a_probability_target_that_requires_g
     probs = torch.softmax(torch.randn(3, 4), 1).requires_grad_()
     with pytest.raises(InputError, match="backend='bogus'"):
         celib.cross_entropy(x, probs, backend="bogus")
+
+
+def test_nll_loss_takes_a_weight_of_another_dtype_as_cross_entropy_does():
+    logp = torch.log_softmax(torch.randn(5, 4), 1)
+    t = torch.tensor([0, 3, 1, -100, 2])
+    w = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+    loss = celib.nll_loss(logp, t, w)  # F.nll_loss: RuntimeError (expected scalar type Float but found Double)
+    assert loss.dtype == torch.float32
+    assert loss.item() == F.nll_loss(logp, t, w.float()).item()
+
+
+def test_sigmoid_focal_loss_refuses_targets_outside_0_1():
+    x = torch.randn(4)
+    for bad in (torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([0.0, 1.5, 1.0, 0.0])):
+        with pytest.raises(InputError, match=r"targets must hold probabilities in \[0, 1\].*\(targets \+ 1\) / 2"):
+            celib.sigmoid_focal_loss(x, bad)  # was a silent nan (log of a negative label)
+    soft = torch.tensor([0.0, 0.3, 1.0, 0.7])
+    assert torch.isfinite(celib.sigmoid_focal_loss(x, soft)).all()
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if kernels.available() else []))
+def test_probability_targets_give_pytorchs_promoted_dtype_and_float32_accuracy(backend):
+    torch.manual_seed(0)
+    x = torch.randn(64, 50)
+    q = torch.softmax(torch.randn(64, 50, dtype=torch.float64) * 2, 1)
+    for xd, qd in ((torch.float32, torch.float64), (torch.float16, torch.float32),
+                   (torch.bfloat16, torch.float16), (torch.bfloat16, torch.float64)):
+        a, b = x.to(xd), q.to(qd)
+        loss = celib.cross_entropy(a, b, backend=backend)
+        assert loss.dtype == torch.promote_types(xd, qd)  # as F.cross_entropy
+        if backend == "torch":
+            assert torch.equal(loss, F.cross_entropy(a, b))
+        else:  # the kernel computes in float32; a float64 target is not rounded to the logits' dtype
+            exact = F.cross_entropy(a.double(), b.double()).item()
+            assert abs(loss.item() - exact) < 1e-6 * exact

@@ -99,3 +99,31 @@ def test_class_weights_summing_to_zero_give_pytorchs_mean(path):
     theirs = torch.nn.functional.cross_entropy(x.detach(), t, w)
     ours = _weighted_paths()[path](x, t, w)
     assert theirs.item() == float("-inf") and torch.equal(ours.detach(), theirs), path
+
+
+def test_half_precision_means_are_formed_in_float32():
+    """A float16 count or sum overflows at 65 504: the mean is formed in float32 and returned in half."""
+    assert _reduction.accumulator(torch.float16) == torch.float32
+    assert _reduction.accumulator(torch.bfloat16) == torch.float32
+    assert _reduction.accumulator(torch.float64) == torch.float64
+    rows = torch.full((70_000,), 2.0, dtype=torch.float16)
+    count = torch.tensor(70_000.0)
+    mean = _reduction.reduce(rows, "mean", count)
+    assert mean.dtype == torch.float16 and mean.item() == 2.0  # a float16 sum would be inf, the mean nan
+
+
+def test_half_precision_focal_means_beyond_65504_elements():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(70_000, generator=gen)
+    y = (torch.rand(70_000, generator=gen) < 0.3).float()
+    exact = celib.sigmoid_focal_loss(x.double(), y.double(), reduction="mean")
+    half = celib.sigmoid_focal_loss(x.half(), y.half(), reduction="mean")
+    assert half.dtype == torch.float16
+    assert abs(half.item() - exact.item()) < 2e-3 * exact.item()  # was 0.0 (a float16 count of inf)
+    logits, target = torch.randn(70_000, 4, generator=gen), torch.randint(0, 4, (70_000,), generator=gen)
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    for gamma in (0.0, 2.0):
+        exact = celib.focal_loss(logits.double(), target, weight.double(), gamma=gamma)
+        half = celib.focal_loss(logits.half(), target, weight, gamma=gamma)
+        assert half.dtype == torch.float16
+        assert abs(half.item() - exact.item()) < 2e-3 * exact.item()  # was nan (a float16 weight sum of inf)

@@ -149,3 +149,13 @@ def test_an_ignored_row_with_a_minus_inf_logit_adds_0(kwargs):
     w = torch_kwargs.get("weight")
     assert got_nll == pytest.approx(F.nll_loss(torch.log_softmax(zt, 1), tt, weight=w).item(), rel=1e-12)
     assert got_focal == pytest.approx(celib.focal_loss(zt, tt, w, gamma=2.0).item(), rel=1e-12)
+
+
+def test_a_mean_over_cancelling_weights_has_a_zero_gradient():
+    """Weights summing to 0 over the kept targets: the mean is +-inf and its gradient 0 (celib's kernels'
+    convention), not the sum's gradient."""
+    x = np.random.default_rng(0).normal(size=(2, 3))
+    t, w = np.array([0, 1]), np.array([1.0, -1.0, 1.0])
+    assert np.isinf(ref.cross_entropy(x, t, w))
+    assert np.array_equal(ref.cross_entropy_grad(x, t, w), np.zeros((2, 3)))
+    assert np.abs(ref.cross_entropy_grad(x, t, w, reduction="sum")).sum() > 0

@@ -59,11 +59,14 @@ def _cross_entropy(input, target, options: LossOptions, *, return_lse, inplace_b
     finite wrong number, never a read outside the row). Without gradients (``torch.no_grad()``, or
     logits that do not require them) the forward computes none and never writes over the logits.
     """
+    if loss_dtype is None:  # PyTorch's: the input's dtype, promoted with a probability target's
+        loss_dtype = input.dtype if validate.is_index_target(target) else torch.promote_types(input.dtype,
+                                                                                               target.dtype)
     if validate.is_index_target(target):
         if target.dtype not in (torch.int32, torch.int64):
             target = target.long()
-    elif target.dtype != input.dtype and target.dtype not in DTYPES:
-        target = target.to(input.dtype)
+    elif target.dtype not in DTYPES:  # float64 probabilities: the kernel reads float32, never rounded lower
+        target = target.float()
     # The one-block limit in force now, kept for backward, which may run after a launch.tuned() block ends.
     block = launch.tuning().max_block
     batch_shape = validate.index_target_shape(input)
@@ -78,5 +81,5 @@ def _cross_entropy(input, target, options: LossOptions, *, return_lse, inplace_b
     else:
         loss, lse = autograd.CrossEntropyFunction.apply(input, target, options, inplace_backward, block,
                                                         torch.is_grad_enabled())
-    loss = loss.to(loss_dtype or input.dtype)
+    loss = loss.to(loss_dtype)
     return (loss, lse) if return_lse else loss
