@@ -71,7 +71,11 @@ def cross_entropy(
             or ``"auto"``: the kernel for CUDA tensors when triton is installed
             and the kernel applies, PyTorch otherwise. ``"auto"`` never picks the
             interpreter, nor the kernel for a probability target that requires
-            a gradient (the kernel gives the target none).
+            a gradient (the kernel gives the target none). One known
+            difference: where a class with a ``-inf`` logit gets target mass 0
+            or class weight 0 (a probability target, or label smoothing),
+            PyTorch forms 0 * -inf = nan; the kernel counts the term as 0 and
+            gives the finite loss.
         check_inputs: validate target values (a class index outside [0, C-1]
             raises :class:`celib.InputError`). This reads the target and
             synchronises with the GPU once per call; ``False`` skips it (the
