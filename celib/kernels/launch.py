@@ -22,9 +22,10 @@ __all__ = ["MAX_BLOCK", "MAX_BLOCK_HEAVY", "Forward", "Launch", "Tuning", "as_ro
            "forward", "max_block_for", "num_warps", "plan_backward", "plan_forward", "scale_", "tuned", "tuning"]
 
 #: Largest block of logits one program holds; longer rows are streamed in blocks of this size.
-#: Rows up to this length are read once (forward + backward), longer ones twice. Every launch up to it
-#: compiles without spilling for sm_80, sm_90a and sm_100a (the table of
-#: ``python -m celib.kernels.tools.resources``, checked by ``tests/test_tools_resources.py``); see
+#: Rows up to this length are read once (forward + backward), longer ones twice. Every configuration in
+#: the table of ``python -m celib.kernels.tools.resources`` (each option alone, and all of them with
+#: probability targets) compiles without spilling up to it for sm_80, sm_90a and sm_100a, as
+#: ``tests/test_tools_resources.py`` checks; other combinations of options are not checked; see
 #: ``max_block_for`` for the options that need more. Provisional: see :class:`Tuning`.
 MAX_BLOCK = 16384
 #: The largest one-block row when probability targets or soft-capping are on (more values live per logit).
