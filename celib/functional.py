@@ -95,7 +95,8 @@ def cross_entropy(
             logits' storage to save memory; the input's values are destroyed.
             The PyTorch path ignores it.
         loss_dtype: dtype of the returned loss; ``None`` gives PyTorch's: the
-            input's dtype, promoted with a probability target's. ``torch.float32`` returns a float32 loss for half inputs,
+            input's dtype, promoted with a probability target's.
+            ``torch.float32`` returns a float32 loss for half inputs,
             computed in float32 on every backend: the kernel always computes in
             float32; the torch backend then works on a float32 copy of the
             logits (N x C x 4 bytes more memory, and its gradient). Under ``torch.autocast``
