@@ -190,7 +190,7 @@ def run(impl: str, n: int, h: int, v: int, dtype=torch.bfloat16, rows: int | Non
             elif impl == "F.linear_cross_entropy":
                 loss = F.linear_cross_entropy(x, w, t, options=torch.nn.LinearCrossEntropyOptions())
             elif impl == "celib":
-                rows = rows or linear.chunk_rows(n, v, dtype=dtype, device="cuda")
+                rows = rows or linear.chunk_rows(n, v, dtype=dtype, device="cuda", hidden=h)
                 with _modelled_kernel(meter):
                     loss = celib.linear_cross_entropy(x, w, t, chunk_size=rows, backend="triton", check_inputs=False)
             else:
@@ -211,7 +211,7 @@ def main() -> int:
         base = run("unfused", n, h, v)
         for impl in ("unfused", "F.linear_cross_entropy", "celib"):
             r = base if impl == "unfused" else run(impl, n, h, v)
-            rows = linear.chunk_rows(n, v, dtype=torch.bfloat16, device="cuda") if impl == "celib" else ""
+            rows = linear.chunk_rows(n, v, dtype=torch.bfloat16, device="cuda", hidden=h) if impl == "celib" else ""
             print(f"| {n}, {h}, {v} | {impl} | {rows} | {r.flops / 1e12:.1f} | {r.bytes / 1e9:.1f} | "
                   f"{r.seconds * 1e3:.1f} | {r.seconds / base.seconds:.2f} | {r.peak_bytes / 1e9:.2f} | "
                   f"{r.peak_bytes / base.peak_bytes:.2f} |")
@@ -220,7 +220,7 @@ def main() -> int:
           "peak extra memory (celib; the rule's choice marked).")
     print("| rows per chunk | chunks | predicted ms | peak extra GB |")
     print("|---:|---:|---:|---:|")
-    chosen = linear.chunk_rows(n, v, dtype=torch.bfloat16, device="cuda")
+    chosen = linear.chunk_rows(n, v, dtype=torch.bfloat16, device="cuda", hidden=h)
     for rows in sorted({32, 128, 256, 512, 1024, chosen, 2048, 4096}):
         r = run("celib", n, h, v, rows=rows)
         mark = " (the rule)" if rows == chosen else ""

@@ -277,6 +277,7 @@ def vocab_parallel_linear_cross_entropy(
                                 sequences=False)
     options, offset, num_classes = _check_and_locate(target, input, "input", weight_shard.shape[0], group,
                                                      ignore_index, reduction, label_smoothing, z_loss)
-    rows = chunk_rows(input.shape[0], weight_shard.shape[0], chunk_size, dtype=input.dtype, device=input.device)
+    rows = chunk_rows(input.shape[0], weight_shard.shape[0], chunk_size, dtype=input.dtype, device=input.device,
+                      hidden=input.shape[1])
     return _VocabParallelLinearCrossEntropy.apply(input, weight_shard, bias_shard, target.long(), options, offset,
                                                   num_classes, rows, group, torch.is_grad_enabled())

@@ -224,7 +224,8 @@ def linear_cross_entropy(
         z_loss: as in :func:`celib.cross_entropy`.
         softcap: as in :func:`celib.cross_entropy`.
         chunk_size: rows per chunk; default from the device's rule, capped by ``chunk_memory``
-            (see :func:`celib.linear.chunk_rows`: 1280 rows for bf16 on CUDA; on a CPU a
+            (see :func:`celib.linear.chunk_rows`: on CUDA 1280 rows for bf16 at H = 4096, more for a
+            smaller H; on a CPU a
             quarter of the batch, 128 to 512 rows).
         chunk_memory: bytes one chunk's logits may take when ``chunk_size`` is not given (default
             :data:`celib.linear.CHUNK_MEMORY`: 2 GiB on CUDA, 256 MiB on CPU).
@@ -280,7 +281,8 @@ def linear_cross_entropy(
     t = t.long()
     use_kernel = _backend.use_kernel(backend, input)
     x, w, b = input.reshape(-1, hidden), linear_weight, linear_bias
-    rows = chunk_rows(x.shape[0], vocab, chunk_size, dtype=x.dtype, device=x.device, memory=chunk_memory)
+    rows = chunk_rows(x.shape[0], vocab, chunk_size, dtype=x.dtype, device=x.device, memory=chunk_memory,
+                      hidden=hidden)
     args = (x, w, b, t, options, rows, "triton" if use_kernel else "torch", loss_dtype)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if torch.compiler.is_compiling():

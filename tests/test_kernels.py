@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import celib
 from celib import _backend, kernels
 from celib.kernels import launch, tools
+from celib._options import LossOptions
 from celib.kernels.launch import MAX_BLOCK, block_size
 from tests import bounds
 from tests.cases import fused
@@ -332,11 +333,28 @@ def test_same_program_design_on_masked_logits():
     assert torch.isfinite(grad[:7]).all()
 
 
+def test_streamed_rows_with_heavy_options_hold_16_values_per_thread():
+    # one block up to MAX_BLOCK_HEAVY; a longer row streams in STREAM_BLOCK_HEAVY blocks at 8 warps
+    x, t = torch.randn(2, 8000), torch.tensor([0, 7999])
+    opts = LossOptions(softcap=30.0)
+    one, _ = launch.plan_forward(launch.as_rows(x), t, opts, torch.ones(()), True)
+    assert one.constexprs["BLOCK"] == launch.MAX_BLOCK_HEAVY == 8192 and one.constexprs["SINGLE_BLOCK"]
+    x, t = torch.randn(2, 9000), torch.tensor([0, 8999])
+    fwd, out = launch.plan_forward(launch.as_rows(x), t, opts, torch.ones(()), True)
+    assert fwd.constexprs["BLOCK"] == launch.STREAM_BLOCK_HEAVY == 4096 and not fwd.constexprs["SINGLE_BLOCK"]
+    assert fwd.num_warps == 8
+    bwd, _ = launch.plan_backward(launch.as_rows(x), t, opts, out.stats, torch.ones(()), torch.ones(()))
+    assert bwd.constexprs["BLOCK"] == 4096 and bwd.num_warps == 8
+    plain, _ = launch.plan_forward(launch.as_rows(x), t, LossOptions(), torch.ones(()), True)
+    assert plain.constexprs["BLOCK"] == 16384 and plain.num_warps == 16  # one block, index targets
+
+
 def test_tuned_launch_choices_are_restored_and_checked():
     before = launch.tuning()
     with launch.tuned(max_block=32768, num_warps=8) as choice:
         assert launch.tuning() == choice and choice.max_block == 32768
-        assert launch.block_size(32000) == 32768 and launch.block_size(32000, probability_target=True) == 8192
+        assert launch.block_size(32000) == 32768
+        assert launch.block_size(32000, probability_target=True) == launch.STREAM_BLOCK_HEAVY
     assert launch.tuning() == before and launch.block_size(32000) == MAX_BLOCK
     with pytest.raises(celib.InputError, match="power of two"):
         with launch.tuned(max_block=3000):

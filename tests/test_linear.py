@@ -182,6 +182,14 @@ def test_chunk_rule():
 
     # CUDA: four times an H100's machine balance (989e12 / 3.35e12 = 295 FLOP/byte) in rows, in 128s
     assert roofline_rows(torch.bfloat16) == 1280 and roofline_rows(torch.float32) == 640
+    # with the chunk's operands counted: n >= 4 beta / (1 - beta (1/H + 1/V)) in bf16, in 128s
+    assert roofline_rows(torch.bfloat16, 4096, 128256) == 1280  # 1276 rows
+    assert roofline_rows(torch.bfloat16, 2048, 32000) == 1408  # 1395
+    assert roofline_rows(torch.bfloat16, 1024, 32000) == 1792  # 1681
+    assert roofline_rows(torch.bfloat16, 256, 32000) is None  # H below beta: never compute-bound
+    assert chunk_rows(4096, 32000, hidden=2048, dtype=torch.bfloat16, device="cuda") == 1408
+    assert chunk_rows(8192, 32000, hidden=256, dtype=torch.bfloat16, device="cuda") == 8192  # memory decides
+    assert chunk_rows(10**5, 32000, hidden=256, dtype=torch.bfloat16, device="cuda") == 2 * 2**30 // (32000 * 6)
     bf16 = dict(dtype=torch.bfloat16, device="cuda")
     assert chunk_rows(8192, 128256, **bf16) == 1280  # 1280 x 128256 x (2 + 4) bytes = 985 MB < 2 GiB
     assert chunk_rows(16384, 256000, **bf16) == 1280  # 1.97 GB

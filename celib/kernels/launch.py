@@ -18,18 +18,24 @@ from celib._options import LossOptions
 from celib.errors import InputError
 from celib.kernels import _mode
 
-__all__ = ["MAX_BLOCK", "MAX_BLOCK_HEAVY", "Forward", "Launch", "Tuning", "as_rows", "backward", "block_size",
-           "forward", "max_block_for", "num_warps", "plan_backward", "plan_forward", "scale_", "tuned", "tuning"]
+__all__ = ["MAX_BLOCK", "MAX_BLOCK_HEAVY", "STREAM_BLOCK_HEAVY", "Forward", "Launch", "Tuning", "as_rows",
+           "backward", "block_size", "forward", "max_block_for", "num_warps", "plan_backward", "plan_forward", "scale_", "tuned", "tuning"]
 
 #: Largest block of logits one program holds; longer rows are streamed in blocks of this size.
 #: Rows up to this length are read once (forward + backward), longer ones twice. Every configuration in
 #: the table of ``python -m celib.kernels.tools.resources`` (each option alone, and all of them with
-#: probability targets) compiles without spilling up to it for sm_80, sm_90a and sm_100a, as
-#: ``tests/test_tools_resources.py`` checks; other combinations of options are not checked; see
-#: ``max_block_for`` for the options that need more. Provisional: see :class:`Tuning`.
+#: probability targets and with index targets) compiles without spilling up to it for sm_80, sm_90a and
+#: sm_100a, as ``tests/test_tools_resources.py`` checks; other combinations of options are not checked;
+#: see ``max_block_for`` and :data:`STREAM_BLOCK_HEAVY` for the options that need less. Provisional: see
+#: :class:`Tuning`.
 MAX_BLOCK = 16384
 #: The largest one-block row when probability targets or soft-capping are on (more values live per logit).
 MAX_BLOCK_HEAVY = 8192
+#: The block of a *streamed* row (longer than its one-block limit) with probability targets or
+#: soft-capping, at 8 warps: 16 values of a row per thread. At 32 per thread (MAX_BLOCK_HEAVY at 8 warps)
+#: the streamed forward with index targets and weight + smoothing + z-loss + soft-capping spills on
+#: sm_90a, and at MAX_BLOCK_HEAVY with 16 warps it spills on sm_100a (the compile table).
+STREAM_BLOCK_HEAVY = 4096
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,10 @@ def max_block_for(probability_target: bool, softcap: bool, limit: int | None = N
     return min(limit, MAX_BLOCK_HEAVY) if probability_target or softcap else limit
 
 
+def _heavy(probability_target: bool, softcap: bool) -> bool:
+    return probability_target or softcap
+
+
 def num_warps(block: int) -> int:
     """Warps per program for a block of ``block`` logits: one per 1024 logits, at least 4 and at most 16
     (2048 and 4096: 4; 8192: 8; 16384: 16; so 16 or 32 values of a row per thread).
@@ -106,16 +116,12 @@ def num_warps(block: int) -> int:
     return max(4, min(16, block // 1024))
 
 
-#: Warps of the same-program design's forward with probability targets or soft-capping: 8 values of a row
-#: per thread at its 8192-logit block. Their two sweeps keep more values live, and at the rule's 8 warps
-#: they spill on some GPUs and Triton versions (the compile table, with the pinned Triton and the oldest).
-TWO_SWEEPS_HEAVY_WARPS = 32
-
-
-def _warps(block: int, heavy_two_sweeps: bool = False) -> int:
+def _warps(block: int, heavy_streamed: bool = False) -> int:
+    """:func:`num_warps`, or 16 values per thread for a streamed row with the heavy options (see
+    :data:`STREAM_BLOCK_HEAVY`), unless :func:`tuned` fixes the warps."""
     if _tuning.num_warps:
         return _tuning.num_warps
-    return TWO_SWEEPS_HEAVY_WARPS if heavy_two_sweeps else num_warps(block)
+    return max(4, block // 512) if heavy_streamed else num_warps(block)
 
 
 def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
@@ -132,8 +138,12 @@ def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
 def block_size(num_classes: int, max_block: int | None = None, *, probability_target: bool = False,
                softcap: bool = False) -> int:
     """Power-of-two block: the whole row if it fits in :func:`max_block_for` the call's options and the
-    one-block limit ``max_block`` (None: the one in force), else that cap."""
-    return min(_next_power_of_2(num_classes), max_block_for(probability_target, softcap, max_block))
+    one-block limit ``max_block`` (None: the one in force), else that cap, or :data:`STREAM_BLOCK_HEAVY`
+    for a streamed row with probability targets or soft-capping."""
+    cap = max_block_for(probability_target, softcap, max_block)
+    if num_classes > cap and _heavy(probability_target, softcap):
+        cap = min(cap, STREAM_BLOCK_HEAVY)
+    return min(_next_power_of_2(num_classes), cap)
 
 
 def _next_power_of_2(n: int) -> int:
@@ -233,7 +243,7 @@ def plan_forward(logits, target, options: LossOptions, grad_scale, compute_grad,
     flags = dict(options.kernel_flags(prob), COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single,
                  TWO_SWEEPS=two_sweeps)
     grid = _programs(rows, c * logits.element_size(), device) if two_sweeps else rows
-    warps = _warps(block, two_sweeps and (prob or options.softcap is not None))
+    warps = _warps(block, heavy_streamed=not single and _heavy(prob, options.softcap is not None))
     return Launch("forward_kernel", (grid,), args, flags, warps), Forward(loss, lse, stats, grad)
 
 
@@ -272,7 +282,8 @@ def plan_backward(logits, target, options: LossOptions, stats, grad_scale, upstr
                 **_row_args("grad", grad), stats_ptr=stats, grad_scale_ptr=grad_scale, upstream_ptr=up,
                 stride_un=stride_un, stride_us=stride_us, n_rows=n * s, n_inner=s, n_cols=c, **scalars)
     flags.update(SKIP_UNIT_UPSTREAM=skip_unit_upstream, BLOCK=block)
-    return Launch("backward_kernel", (n * s,), args, flags, _warps(block)), grad
+    heavy_streamed = block < c and _heavy(prob, options.softcap is not None)
+    return Launch("backward_kernel", (n * s,), args, flags, _warps(block, heavy_streamed)), grad
 
 
 def backward(logits, target, options: LossOptions, stats, grad_scale, upstream, grad_out=None, max_block=None,

@@ -289,8 +289,9 @@ def _limit(features: tuple[str, ...]) -> int:
 def configurations() -> list[tuple[Config, int]]:
     """The launches checked. On every arch, in bfloat16 with index targets: the one-block forward and
     backward at each warps tier up to :data:`~celib.kernels.launch.MAX_BLOCK`, the streamed pair, float32
-    and a strided layout at the largest one-block row, and every option on at once (one block at its
-    limit, and streamed). On sm_90a, each option alone: one block at its limit, and the streamed pair."""
+    and a strided layout at the largest one-block row, and every option on at once, with probability
+    targets and with index targets (one block at its limit, and streamed). On sm_90a, each option alone:
+    one block at its limit, and the streamed pair."""
     from celib.kernels.launch import MAX_BLOCK
 
     out = []
@@ -306,6 +307,10 @@ def configurations() -> list[tuple[Config, int]]:
         out.append((Config("forward", _limit(every), features=every), capability))
         out.append((Config("forward", 2 * MAX_BLOCK, features=every), capability))
         out.append((Config("backward", 2 * MAX_BLOCK, features=every), capability))
+        every_index = every[1:]  # the same options with index targets
+        out.append((Config("forward", _limit(every_index), features=every_index), capability))
+        out.append((Config("forward", 2 * MAX_BLOCK, features=every_index), capability))
+        out.append((Config("backward", 2 * MAX_BLOCK, features=every_index), capability))
         # the same-program design (provisional, see launch.Tuning): both sweeps of a row per logit
         for features in ((), ("softcap",), every):
             out.append((Config("forward", 2 * MAX_BLOCK, features=features, two_sweeps=True), capability))
