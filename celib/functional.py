@@ -92,8 +92,10 @@ def cross_entropy(
             shape, detached: no gradient flows through it on any backend), as a
             tuple ``(loss, lse)``.
         inplace_backward: Triton kernel only: write the gradient over the
-            logits' storage to save memory; the input's values are destroyed.
-            The PyTorch path ignores it.
+            logits' storage to save memory; the input's values are destroyed
+            (and on a leaf tensor its ``.grad`` is that same memory: pass a
+            model's output, not a parameter). Logits whose elements overlap
+            (``expand``) raise ``InputError``. The PyTorch path ignores it.
         loss_dtype: dtype of the returned loss; ``None`` gives PyTorch's: the
             input's dtype, promoted with a probability target's.
             ``torch.float32`` returns a float32 loss for half inputs,
@@ -124,6 +126,7 @@ def cross_entropy(
         celib.errors.InputError: ...
     """
     _backend.check(backend)  # here: a probability target that requires a gradient skips use_kernel
+    validate.check_loss_dtype(loss_dtype)
     reduction = validate.legacy_reduction(size_average, reduce, reduction)
     options = validate.cross_entropy_options(input, target, weight, ignore_index, reduction, label_smoothing,
                                              z_loss, softcap)

@@ -264,6 +264,7 @@ def linear_cross_entropy(
         True
     """
     _backend.check(backend)
+    validate.check_loss_dtype(loss_dtype)
     device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
     autocast = _backend.autocast_on(device_type)
     if autocast:  # as F.linear under autocast: the products in the autocast dtype (casts are differentiable)

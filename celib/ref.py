@@ -284,7 +284,7 @@ def kl_div(input: ArrayLike, target: ArrayLike, reduction: str = "mean", log_tar
     else:
         loss = np.where(t > 0, t * (np.log(np.where(t > 0, t, 1.0)) - x), 0.0)
     if reduction == "batchmean":
-        return np.sum(loss) / x.shape[0]
+        return np.sum(loss) / (x.shape[0] if x.ndim else 1)  # a 0-dim input is one example, as PyTorch
     return _reduce(loss, reduction, loss.size)
 
 

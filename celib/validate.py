@@ -10,6 +10,7 @@ synchronises with the device, which is why losses let callers skip it with
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -17,7 +18,7 @@ from celib._options import LossOptions
 from celib.errors import InputError
 
 __all__ = ["REDUCTIONS", "check_class_weight", "check_classification_args", "check_extras", "check_floating",
-           "check_label_smoothing", "check_output_layer", "check_probabilities", "check_reduction",
+           "check_label_smoothing", "check_loss_dtype", "check_output_layer", "check_probabilities", "check_reduction",
            "check_same_shape", "check_target_range", "cross_entropy_options", "index_target_shape",
            "is_index_target", "legacy_reduction", "loss_options", "num_classes"]
 
@@ -200,6 +201,13 @@ def check_output_layer(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                              f".to(input.device).")
 
 
+def check_loss_dtype(loss_dtype: object) -> None:
+    """Raise unless ``loss_dtype`` is None or a floating-point ``torch.dtype`` (a loss needs a gradient)."""
+    if loss_dtype is not None and not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point):
+        raise InputError(f"loss_dtype must be a floating-point torch.dtype (e.g. torch.float32) or None, got "
+                         f"{loss_dtype!r}.")
+
+
 def check_label_smoothing(label_smoothing: float) -> None:
     """Raise unless 0 <= label_smoothing <= 1."""
     if not 0.0 <= float(label_smoothing) <= 1.0:
@@ -238,8 +246,12 @@ def loss_options(weight: torch.Tensor | None = None, ignore_index: int = -100, r
     """
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if isinstance(ignore_index, bool):
         raise InputError(f"ignore_index must be an int, got {ignore_index!r}.")
+    try:
+        ignore_index = operator.index(ignore_index)  # any integer type (numpy's too), as PyTorch
+    except TypeError:
+        raise InputError(f"ignore_index must be an int, got {ignore_index!r}.") from None
     check_extras(z_loss, softcap)
     return LossOptions(weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
                        None if softcap is None else float(softcap))
@@ -274,6 +286,7 @@ def check_probabilities(name: str, tensor: torch.Tensor, fix: str) -> None:
     ``torch.compile``); ``fix`` ends the message."""
     if torch.compiler.is_compiling():
         return
-    if tensor.numel() and bool(((tensor < 0) | (tensor > 1)).any()):
+    if tensor.numel() and bool(((tensor < 0) | (tensor > 1) | torch.isnan(tensor)).any()):
         lo, hi = float(tensor.min()), float(tensor.max())
-        raise InputError(f"{name} must hold probabilities in [0, 1], found values in [{lo:.4g}, {hi:.4g}]. {fix}")
+        found = "NaN" if bool(torch.isnan(tensor).any()) else f"values in [{lo:.4g}, {hi:.4g}]"
+        raise InputError(f"{name} must hold probabilities in [0, 1], found {found}. {fix}")

@@ -507,3 +507,10 @@ def test_index_targets_that_are_views_with_a_stride(reduction):
         assert target.stride(0) != 1
         check(x, target, reduction=reduction)
         check(x, target, reduction=reduction, max_block=4)  # streamed rows
+
+
+def test_inplace_backward_refuses_overlapping_logits():
+    # an expand()-ed row: writing the gradient over it would feed rows each other's gradients
+    row = torch.randn(1, 5, requires_grad=True)
+    with pytest.raises(celib.InputError, match="share memory"):
+        fused((row * 1.0).expand(4, 5), torch.tensor([0, 1, 2, 3]), inplace_backward=True)

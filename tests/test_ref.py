@@ -159,3 +159,10 @@ def test_a_mean_over_cancelling_weights_has_a_zero_gradient():
     assert np.isinf(ref.cross_entropy(x, t, w))
     assert np.array_equal(ref.cross_entropy_grad(x, t, w), np.zeros((2, 3)))
     assert np.abs(ref.cross_entropy_grad(x, t, w, reduction="sum")).sum() > 0
+
+
+def test_kl_div_batchmean_of_a_0_dim_input_is_one_example():
+    got = ref.kl_div(np.array(-1.0), np.array(0.5), "batchmean")
+    want = torch.nn.functional.kl_div(torch.tensor(-1.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64),
+                                      reduction="batchmean").item()
+    assert abs(got - want) < 1e-15

@@ -79,7 +79,18 @@ def _cross_entropy(input, target, options: LossOptions, *, return_lse, inplace_b
         loss = loss.view(batch_shape) if options.reduction == "none" else loss
         lse = lse.view(batch_shape).detach()
     else:
+        if inplace_backward and input.requires_grad and torch.is_grad_enabled():
+            _check_overwritable(input)
         loss, lse = autograd.CrossEntropyFunction.apply(input, target, options, inplace_backward, block,
                                                         torch.is_grad_enabled())
     loss = loss.to(loss_dtype)
     return (loss, lse) if return_lse else loss
+
+
+def _check_overwritable(logits: torch.Tensor) -> None:
+    """Refuse logits whose elements share memory (an ``expand``-ed tensor): the gradient written over them
+    would be read back by other rows as their logits, a silently wrong loss and gradient."""
+    if torch._debug_has_internal_overlap(logits) != 0:  # 1: overlap; 2: too complex to tell
+        raise InputError("inplace_backward=True writes the gradient over the logits' memory, and these logits "
+                         "have elements that share memory (an expand()-ed or strided view); pass "
+                         "logits.contiguous(), or drop inplace_backward.")
