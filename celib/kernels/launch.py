@@ -116,12 +116,16 @@ def num_warps(block: int) -> int:
     return max(4, min(16, block // 1024))
 
 
-def _warps(block: int, heavy_streamed: bool = False) -> int:
-    """:func:`num_warps`, or 16 values per thread for a streamed row with the heavy options (see
-    :data:`STREAM_BLOCK_HEAVY`), unless :func:`tuned` fixes the warps."""
+def _warps(block: int, heavy_streamed: bool = False, two_sweeps: bool = False) -> int:
+    """:func:`num_warps`, or for a streamed row with the heavy options (see :data:`STREAM_BLOCK_HEAVY`)
+    16 values per thread, 8 in the same-program design, whose two sweeps keep more values live (at 16
+    it spills 8 bytes with every option on, with the oldest supported Triton: the compile table),
+    unless :func:`tuned` fixes the warps."""
     if _tuning.num_warps:
         return _tuning.num_warps
-    return max(4, block // 512) if heavy_streamed else num_warps(block)
+    if heavy_streamed:
+        return max(4, block // (256 if two_sweeps else 512))
+    return num_warps(block)
 
 
 def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
@@ -243,7 +247,7 @@ def plan_forward(logits, target, options: LossOptions, grad_scale, compute_grad,
     flags = dict(options.kernel_flags(prob), COMPUTE_GRAD=grad is not None, BLOCK=block, SINGLE_BLOCK=single,
                  TWO_SWEEPS=two_sweeps)
     grid = _programs(rows, c * logits.element_size(), device) if two_sweeps else rows
-    warps = _warps(block, heavy_streamed=not single and _heavy(prob, options.softcap is not None))
+    warps = _warps(block, not single and _heavy(prob, options.softcap is not None), two_sweeps)
     return Launch("forward_kernel", (grid,), args, flags, warps), Forward(loss, lse, stats, grad)
 
 
