@@ -349,7 +349,8 @@ def sigmoid_focal_loss(
     :math:`\log(1 - p_t)` from log-sigmoids, so the loss and its gradient stay
     finite at any finite logit, for every ``gamma >= 0`` (torchvision's literal
     ``(1 - p_t) ** gamma`` gives a nan gradient once :math:`p_t` rounds to 1 with
-    ``gamma < 1``). Targets get a gradient through the BCE term only.
+    ``gamma < 1``). Targets get a gradient through the BCE term and
+    :math:`\alpha_t`, not through the modulating factor.
 
     Args:
         inputs: logits, float, any shape.
