@@ -26,7 +26,7 @@ __all__ = ["MAX_BLOCK", "MAX_BLOCK_HEAVY", "STREAM_BLOCK_HEAVY", "Forward", "Lau
 #: the table of ``python -m celib.kernels.tools.resources`` (each option alone, and all of them with
 #: probability targets and with index targets) compiles without spilling up to it for sm_80, sm_90a and
 #: sm_100a, as ``tests/test_tools_resources.py`` checks; other combinations of options are not checked;
-#: see ``max_block_for`` and :data:`STREAM_BLOCK_HEAVY` for the options that need less. Provisional: see
+#: see ``max_block_for`` and ``STREAM_BLOCK_HEAVY`` for the options that need less. Provisional: see
 #: :class:`Tuning`.
 MAX_BLOCK = 16384
 #: The largest one-block row when probability targets or soft-capping are on (more values live per logit).
@@ -117,7 +117,7 @@ def num_warps(block: int) -> int:
 
 
 def _warps(block: int, heavy_streamed: bool = False, two_sweeps: bool = False) -> int:
-    """:func:`num_warps`, or for a streamed row with the heavy options (see :data:`STREAM_BLOCK_HEAVY`)
+    """:func:`num_warps`, or for a streamed row with the heavy options (see ``STREAM_BLOCK_HEAVY``)
     16 values per thread, 8 in the same-program design, whose two sweeps keep more values live (at 16
     it spills 8 bytes with every option on, with the oldest supported Triton: the compile table),
     unless :func:`tuned` fixes the warps."""
@@ -142,7 +142,7 @@ def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
 def block_size(num_classes: int, max_block: int | None = None, *, probability_target: bool = False,
                softcap: bool = False) -> int:
     """Power-of-two block: the whole row if it fits in :func:`max_block_for` the call's options and the
-    one-block limit ``max_block`` (None: the one in force), else that cap, or :data:`STREAM_BLOCK_HEAVY`
+    one-block limit ``max_block`` (None: the one in force), else that cap, or ``STREAM_BLOCK_HEAVY``
     for a streamed row with probability targets or soft-capping."""
     cap = max_block_for(probability_target, softcap, max_block)
     if num_classes > cap and _heavy(probability_target, softcap):
