@@ -18,8 +18,8 @@ from celib._options import LossOptions
 from celib.errors import InputError
 
 __all__ = ["REDUCTIONS", "check_class_weight", "check_classification_args", "check_extras", "check_floating",
-           "check_label_smoothing", "check_loss_dtype", "check_output_layer", "check_probabilities", "check_reduction",
-           "check_same_shape", "check_target_range", "cross_entropy_options", "index_target_shape",
+           "check_label_smoothing", "check_loss_dtype", "check_output_layer", "check_probabilities",
+           "check_reduction", "check_same_shape", "check_target_range", "cross_entropy_options", "index_target_shape",
            "is_index_target", "legacy_reduction", "loss_options", "num_classes"]
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -286,7 +286,7 @@ def check_probabilities(name: str, tensor: torch.Tensor, fix: str) -> None:
     ``torch.compile``); ``fix`` ends the message."""
     if torch.compiler.is_compiling():
         return
-    if tensor.numel() and bool(((tensor < 0) | (tensor > 1) | torch.isnan(tensor)).any()):
-        lo, hi = float(tensor.min()), float(tensor.max())
-        found = "NaN" if bool(torch.isnan(tensor).any()) else f"values in [{lo:.4g}, {hi:.4g}]"
+    nan = torch.isnan(tensor)
+    if tensor.numel() and bool(((tensor < 0) | (tensor > 1) | nan).any()):
+        found = "NaN" if bool(nan.any()) else f"values in [{float(tensor.min()):.4g}, {float(tensor.max()):.4g}]"
         raise InputError(f"{name} must hold probabilities in [0, 1], found {found}. {fix}")

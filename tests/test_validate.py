@@ -93,12 +93,14 @@ def test_probabilities_outside_unit_interval():
         celib.binary_cross_entropy(torch.tensor([0.9, 0.1]), torch.tensor([1.0, -1.0]))
     with raises(r"pos_weight of shape \(2,\) does not broadcast"):
         celib.binary_cross_entropy_with_logits(X, torch.rand(4, 3), pos_weight=torch.ones(2))
+
+
 def test_loss_dtype_must_be_floating():
     x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     for bad in (torch.int64, torch.bool, "float32"):
-        with pytest.raises(celib.InputError, match="loss_dtype"):
+        with raises("loss_dtype"):
             celib.cross_entropy(x, t, loss_dtype=bad)
-        with pytest.raises(celib.InputError, match="loss_dtype"):
+        with raises("loss_dtype"):
             celib.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), t, loss_dtype=bad)
     assert celib.cross_entropy(x, t, loss_dtype=torch.float64).dtype == torch.float64
 
@@ -109,10 +111,10 @@ def test_ignore_index_takes_any_integer_type_as_pytorch():
     x, t = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, -100])
     ours = celib.cross_entropy(x, t, ignore_index=np.int64(-100))
     assert ours == F.cross_entropy(x, t, ignore_index=np.int64(-100))
-    with pytest.raises(celib.InputError, match="ignore_index"):
+    with raises("ignore_index"):
         celib.cross_entropy(x, t, ignore_index=-100.0)
 
 
 def test_probabilities_with_nan_are_refused():
-    with pytest.raises(celib.InputError, match="found NaN"):
+    with raises("found NaN"):
         celib.binary_cross_entropy(torch.tensor([0.5, float("nan")]), torch.tensor([1.0, 0.0]))

@@ -19,7 +19,8 @@ from celib.errors import InputError
 from celib.kernels import _mode
 
 __all__ = ["MAX_BLOCK", "MAX_BLOCK_HEAVY", "STREAM_BLOCK_HEAVY", "Forward", "Launch", "Tuning", "as_rows",
-           "backward", "block_size", "forward", "max_block_for", "num_warps", "plan_backward", "plan_forward", "scale_", "tuned", "tuning"]
+           "backward", "block_size", "forward", "max_block_for", "num_warps", "plan_backward", "plan_forward",
+           "scale_", "tuned", "tuning"]
 
 #: Largest block of logits one program holds; longer rows are streamed in blocks of this size.
 #: Rows up to this length are read once (forward + backward), longer ones twice. Every configuration in
@@ -91,17 +92,17 @@ def tuned(**changes) -> Iterator[Tuning]:
         _tuning = before
 
 
+def _heavy(probability_target: bool, softcap: bool) -> bool:
+    return probability_target or softcap
+
+
 def max_block_for(probability_target: bool, softcap: bool, limit: int | None = None) -> int:
     """The largest block for a call: the one-block limit ``limit`` (None: :data:`MAX_BLOCK` unless
     :func:`tuned`), or at most :data:`MAX_BLOCK_HEAVY` with probability targets or soft-capping, which
     keep more values live (with every option on, a 16384 block at 16 warps spills on sm_100a: the
     compile table)."""
     limit = limit or _tuning.max_block
-    return min(limit, MAX_BLOCK_HEAVY) if probability_target or softcap else limit
-
-
-def _heavy(probability_target: bool, softcap: bool) -> bool:
-    return probability_target or softcap
+    return min(limit, MAX_BLOCK_HEAVY) if _heavy(probability_target, softcap) else limit
 
 
 def num_warps(block: int) -> int:
