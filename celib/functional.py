@@ -424,8 +424,9 @@ def focal_loss(
     w_t = _reduction.kept_weight(target, weight, ignore_index, input.dtype)
     loss = -w_t * logp_t
     if gamma:
-        # 1 - p_t as -expm1(log p_t): no cancellation of its own (log p_t's absolute error, ~eps |z_t|, limits its
-        # relative accuracy when 1 - p_t is tiny); clamped so (1 - p_t)**gamma stays differentiable at p_t = 1.
+        # 1 - p_t as -expm1(log p_t): no cancellation of its own (log p_t's absolute error, ~eps from rounding the
+        # normaliser near 1, limits its relative accuracy when 1 - p_t is tiny); clamped so (1 - p_t)**gamma stays
+        # differentiable at p_t = 1.
         one_minus_p = (-torch.expm1(logp_t)).clamp_min(torch.finfo(input.dtype).tiny)
         loss = loss * one_minus_p**gamma
     loss = torch.where(kept, loss, torch.zeros_like(loss))
