@@ -514,3 +514,15 @@ def test_inplace_backward_refuses_overlapping_logits():
     row = torch.randn(1, 5, requires_grad=True)
     with pytest.raises(celib.InputError, match="share memory"):
         fused((row * 1.0).expand(4, 5), torch.tensor([0, 1, 2, 3]), inplace_backward=True)
+
+
+def test_class_strides_past_int32_offsets_are_refused():
+    # the kernels form offsets within a row in 32 bits: a transposed (C, N) buffer with (C - 1) * N >= 2**31
+    def plan(stride):
+        x = torch.empty_strided((2, 131072, 1), (1, stride, 1), device="meta", dtype=torch.bfloat16)
+        t = torch.zeros(2, dtype=torch.long, device="meta")
+        return launch.plan_forward(x, t, LossOptions(), torch.ones((), device="meta"), True)
+
+    assert plan(16383)[0].kernel == "forward_kernel"  # (C - 1) * 16383 < 2**31
+    with pytest.raises(celib.InputError, match="2\\*\\*31"):
+        plan(16385)

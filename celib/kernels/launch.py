@@ -202,6 +202,10 @@ def _row_args(prefix: str, t: torch.Tensor) -> dict:
     """A (N, C, S) tensor's pointer and strides as the kernels name them: ``<prefix>_ptr`` and
     ``stride_<p>n``, ``stride_<p>s``, ``stride_<p>c`` with p the prefix's first letter."""
     p = prefix[0]
+    if (t.shape[1] - 1) * abs(t.stride(1)) >= 2**31:  # the kernels form offsets within a row in int32
+        raise InputError(f"{prefix} has {t.shape[1]} classes {t.stride(1)} elements apart: offsets within a row "
+                         f"would pass 2**31, which the kernel computes in 32 bits; pass a tensor whose class "
+                         f"dimension is contiguous (e.g. .contiguous()), or backend='torch'.")
     return {f"{prefix}_ptr": t, f"stride_{p}n": t.stride(0), f"stride_{p}s": t.stride(2), f"stride_{p}c": t.stride(1)}
 
 
