@@ -30,8 +30,8 @@ from celib import _reduction
 from celib._options import LossOptions
 from celib.kernels import launch
 
-__all__ = ["ParamGrads", "RowLoss", "TorchRowLoss", "TritonRowLoss", "WeightGrad", "accumulation_dtype", "chunked_pass",
-           "row_loss"]
+__all__ = ["ParamGrads", "RowLoss", "TorchRowLoss", "TritonRowLoss", "WeightGrad", "chunked_pass", "eager_backward",
+           "eager_forward", "recompute", "row_loss", "softmax_grad_"]
 
 
 class RowLoss(Protocol):
@@ -42,11 +42,6 @@ class RowLoss(Protocol):
 
     def loss_and_grad(self, z: torch.Tensor, rows: slice, scale: torch.Tensor, upstream: torch.Tensor | None,
                       want_grad: bool) -> torch.Tensor | None: ...
-
-
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise (half-precision inputs accumulate in float32)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _row_slices(n: int, rows: int) -> Iterator[slice]:
@@ -78,6 +73,33 @@ class _Logits:
         if self.softcap is not None:
             z = z.div_(self.softcap).tanh_().mul_(self.softcap)
         return z
+
+
+def softmax_grad_(e: torch.Tensor, total: torch.Tensor, lse: torch.Tensor, w_t: torch.Tensor, kept: torch.Tensor,
+                  s: torch.Tensor, options: LossOptions, num_classes: int,
+                  sum_w: float | torch.Tensor) -> torch.Tensor:
+    """The gradient of the loss of class-index rows with respect to their logits, but for the target's
+    one-hot term, written over ``e``.
+
+    ``e`` (n, C) holds exp(z - shift) and ``total`` (n,) the sum over the whole row of exp(z - shift),
+    so that ``e / total`` is the softmax p; ``w_t`` (n,) is each row's target class weight (1 without
+    weights, 0 for an ignored row), ``kept`` (n,) 1 for a row that counts and 0 for an ignored one,
+    ``s`` (n,) each row's factor (the mean's scale times the upstream gradient, times ``kept``),
+    ``num_classes`` and ``sum_w`` the whole row's C and sum of class weights. With smoothing a, z-loss
+    coefficient zl and class weights w (ones without them) the gradient is::
+
+        ((1 - a) w_t + (a / C) sum_w + 2 zl lse) s p - (a / C) s w - (1 - a) w_t s onehot(target)
+
+    The caller subtracts the last term at the target's column, in the accumulation dtype, so that
+    p - 1 keeps its precision (and only where the target's column is in ``e``).
+    """
+    o = options
+    a = o.label_smoothing
+    coef = ((1 - a) * w_t + (a / num_classes) * sum_w * kept + 2 * o.z_loss * lse * kept) * s
+    g = e.mul_((coef / total)[:, None])  # coef * p, in place
+    if a:
+        g.addr_(s, o.weight if o.weight is not None else torch.ones_like(e[0]), alpha=-a / num_classes)
+    return g
 
 
 class TorchRowLoss:
@@ -126,10 +148,7 @@ class TorchRowLoss:
         s = scale.to(z.dtype) * kept
         if upstream is not None:
             s = s * upstream.to(z.dtype)
-        coef = ((1 - a) * w_t + (a / c) * sum_w * kept + 2 * zl * lse * kept) * s
-        g = e.mul_((coef / total)[:, None])  # coef * p, in place
-        if a:
-            g.addr_(kept * s, o.weight if o.weight is not None else torch.ones_like(z[0]), alpha=-a / c)
+        g = softmax_grad_(e, total, lse, w_t, kept, s, o, c, sum_w)
         g[torch.arange(n, device=z.device), safe] -= (1 - a) * w_t * s  # p - 1 at the target, in float32
         if capped is not None:
             g.mul_(1 - (capped / o.softcap).square())
@@ -295,7 +314,7 @@ def chunked_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, loss:
     ``x @ w.T + b``, the row ``loss``'s ``loss_and_grad`` (the gradient scaled by ``scale`` () and,
     if given, ``upstream`` (N,)), the per-row losses into ``losses`` (N,) if given, and with
     ``grads`` the gradient folded into it."""
-    acc = accumulation_dtype(x)
+    acc = _reduction.accumulator(x.dtype)
     logits = _Logits(w, b, min(rows, x.shape[0]), acc, loss.raw, loss.options.softcap)
     for sl in _row_slices(x.shape[0], rows):
         z = logits(x[sl])
@@ -304,3 +323,46 @@ def chunked_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, loss:
             losses[sl] = out
         if grads is not None:
             grads.add(z, x[sl], w, sl)
+
+
+# ------------------------------------------------------------------------------ the eager autograd path
+# Used by the autograd.Functions of celib.linear and celib.distributed, which differ only in their row
+# loss and in what they do with the input's gradient afterwards.
+
+
+def eager_forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, loss: RowLoss, rows: int,
+                  scale: torch.Tensor, grad_enabled: bool, input_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The per-row losses (N,) in the accumulation dtype. With a scalar upstream gradient to come
+    (``"mean"``, ``"sum"``) and a gradient wanted, the gradients are formed now, at upstream 1, and
+    kept on ``ctx`` for :func:`eager_backward` to scale: three matrix products, no recomputation."""
+    acc = _reduction.accumulator(x.dtype)
+    need = tuple(grad_enabled and n for n in ctx.needs_input_grad[:3])  # (forward runs without grad mode)
+    formed_now = loss.options.reduction != "none" and any(need)
+    ctx.grads = ParamGrads(x, w, acc, need, input_dtype) if formed_now else None
+    losses = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    chunked_pass(x, w, b, loss, rows, scale, grads=ctx.grads, losses=losses)
+    return losses
+
+
+def eager_backward(ctx, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                   loss: RowLoss, rows: int, scale: torch.Tensor,
+                   input_dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, ...]:
+    """(dX, dW, dB): the gradients formed in forward scaled in place by the upstream scalar (no host
+    sync, no copy), or, for ``"none"`` or a second backward (``retain_graph=True``, which finds them
+    consumed), recomputed chunk by chunk with the upstream gradient of each row."""
+    acc = _reduction.accumulator(x.dtype)
+    if ctx.grads is not None:
+        grads, ctx.grads = ctx.grads, None
+        return grads.result(grad_out.to(acc))
+    upstream = grad_out.to(acc).expand(x.shape[0])
+    return recompute(x, w, b, loss, rows, scale, upstream, tuple(ctx.needs_input_grad[:3]), input_dtype)
+
+
+def recompute(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, loss: RowLoss, rows: int,
+              scale: torch.Tensor, upstream: torch.Tensor, need: tuple[bool, bool, bool],
+              input_dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, ...]:
+    """(dX, dW, dB) of sum(loss_rows * scale * upstream), recomputing each chunk's logits (the upstream
+    (N,) per row is known only in backward): four matrix products instead of three."""
+    grads = ParamGrads(x, w, _reduction.accumulator(x.dtype), need, input_dtype)
+    chunked_pass(x, w, b, loss, rows, scale, upstream=upstream, grads=grads)
+    return grads.result()

@@ -64,13 +64,29 @@ def _check_and_locate(target, rows_of, name, local_classes, group, ignore_index,
     return options, offset, num_classes
 
 
+def _whole_row_stats(z, owned, local_t, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, target logit, sum of the logits) per row of the whole vocabulary, from this rank's shard z
+    (n, V_r): two all-reduces, of n numbers (the maxima) and of 3 n (the rest)."""
+    n, local = z.shape
+    m = z.amax(1) if local else torch.full((n,), -torch.inf, dtype=z.dtype, device=z.device)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    z_t = z.gather(1, local_t[:, None]).squeeze(1) if local else torch.zeros_like(m)
+    packed = torch.stack([
+        torch.exp(z - m[:, None]).sum(1),  # sum of exp(z - m) over the shard
+        torch.where(owned, z_t, torch.zeros_like(z_t)),  # the target's logit, on the rank that owns it
+        z.sum(1),  # sum of the logits, for label smoothing
+    ])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    total, z_t, z_sum = packed
+    return m + total.log(), z_t, z_sum
+
+
 class _ShardRowLoss:
     """The row loss (see :mod:`celib._chunks`) of this rank's shard of the vocabulary.
 
-    The loss needs three numbers per row from the whole vocabulary: the maximum, the sum of
-    exponentials below it and the target's logit (label smoothing adds the sum of the logits). With
-    ``lse_known`` False they come from two all-reduces per chunk, and the row's lse is stored in
-    ``lse``; with it True (backward) the saved lse is read and nothing is communicated.
+    In forward (``lse`` to be filled) the row statistics come from :func:`_whole_row_stats`'s two
+    all-reduces per chunk, and each row's lse is stored in ``lse``; in backward (``lse_known``) the
+    saved lse is read and nothing is communicated. The gradient is local either way.
     """
 
     raw = False
@@ -82,51 +98,39 @@ class _ShardRowLoss:
 
     def loss_and_grad(self, z, rows, scale, upstream, want_grad):
         """Per-row loss (None with ``lse_known``) of the shard's logits z (n, V_r) of ``rows``; with
-        ``want_grad`` z is overwritten by d(loss * scale * upstream)/dz on the shard:
-        (coef p - a/C) s, minus (1 - a) s at an owned target, coef = 1 + 2 z_loss lse."""
+        ``want_grad`` z is overwritten by d(loss * scale * upstream)/dz on the shard."""
         o, t = self.options, self.target[rows]
-        n, local = z.shape
         a = o.label_smoothing
-        kept = t != o.ignore_index
-        owned = kept & (t >= self.offset) & (t < self.offset + local)
+        kept = (t != o.ignore_index).to(z.dtype)
+        owned = (t != o.ignore_index) & (t >= self.offset) & (t < self.offset + z.shape[1])
         local_t = torch.where(owned, t - self.offset, torch.zeros_like(t))
         loss = None
         if self.lse_known:
             lse = self.lse[rows]
         else:
-            m = z.amax(1) if local else torch.full((n,), -torch.inf, dtype=z.dtype, device=z.device)
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
-            z_t = z.gather(1, local_t[:, None]).squeeze(1) if local else torch.zeros_like(m)
-            packed = torch.stack([
-                torch.exp(z - m[:, None]).sum(1),  # sum of exp(z - m) over the shard
-                torch.where(owned, z_t, torch.zeros_like(z_t)),  # the target's logit, on the rank that owns it
-                z.sum(1),  # sum of the logits, for label smoothing
-            ])
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
-            total, z_t, z_sum = packed
-            lse = m + total.log()
+            lse, z_t, z_sum = _whole_row_stats(z, owned, local_t, self.group)
             self.lse[rows] = lse
             loss = (1 - a) * (lse - z_t) + o.z_loss * lse.square()
             if a:  # only then: with a -inf logit z_sum is -inf, and 0 * inf would make the loss nan
                 loss = loss + a * (lse - z_sum / self.num_classes)
-            loss = torch.where(kept, loss, torch.zeros_like(loss))
+            loss = torch.where(kept != 0, loss, torch.zeros_like(loss))
         if want_grad:
             s = scale.to(z.dtype) * kept
             if upstream is not None:
                 s = s * upstream.to(z.dtype)
-            g = z.sub_(lse[:, None]).exp_().mul_(((1.0 + 2 * o.z_loss * lse) * s)[:, None])
-            if a:
-                g.sub_((a / self.num_classes * s)[:, None])
-            if local:  # a rank may hold no class at all
-                g[torch.arange(n, device=z.device), local_t] -= torch.where(owned, (1 - a) * s,
-                                                                            torch.zeros_like(s))
+            e = z.sub_(lse[:, None]).exp_()  # the softmax over the whole vocabulary, on the shard
+            g = _chunks.softmax_grad_(e, torch.ones_like(lse), lse, kept, kept, s, o, self.num_classes,
+                                      float(self.num_classes))
+            if z.shape[1]:  # a rank may hold no class at all
+                g[torch.arange(len(t), device=z.device), local_t] -= torch.where(owned, (1 - a) * s,
+                                                                                 torch.zeros_like(s))
         return loss
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_logits, target, options: LossOptions, offset, num_classes, group):
-        z = local_logits if local_logits.dtype == torch.float64 else local_logits.float()
+        z = local_logits.to(_reduction.accumulator(local_logits.dtype))
         lse = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
         one = torch.ones((), dtype=z.dtype, device=z.device)
         loss = _ShardRowLoss(options, target, offset, num_classes, group, lse).loss_and_grad(
@@ -189,39 +193,27 @@ def vocab_parallel_cross_entropy(
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    """The output layer and the loss, the layer's weight split by vocabulary rows; chunked over rows by
-    celib._chunks' loop (gradients formed in forward for mean and sum, recomputed for none)."""
+    """The output layer and the loss, the layer's weight split by vocabulary rows, eagerly:
+    :func:`celib._chunks.eager_forward` and ``eager_backward`` with the shard's row loss, and the
+    input's gradient summed over the ranks."""
 
     @staticmethod
     def forward(ctx, x, w, b, target, options: LossOptions, offset, num_classes, rows, group, grad_enabled):
-        acc = _chunks.accumulation_dtype(x)
+        acc = _reduction.accumulator(x.dtype)
         den, scale = _reduction.mean_scale(target, options, acc)
         lse = torch.empty(x.shape[0], dtype=acc, device=x.device)
-        losses = torch.empty(x.shape[0], dtype=acc, device=x.device)
-        need = tuple(grad_enabled and n for n in ctx.needs_input_grad[:3])  # (forward runs without grad mode)
-        # The upstream gradient is a scalar: form the gradients now (dX in acc: all-reduced in backward).
-        grads = _chunks.ParamGrads(x, w, acc, need, input_dtype=acc) if options.reduction != "none" and any(
-            need) else None
         shard = _ShardRowLoss(options, target, offset, num_classes, group, lse)
-        _chunks.chunked_pass(x, w, b, shard, rows, scale, grads=grads, losses=losses)
+        # dX in acc: it is all-reduced in backward
+        losses = _chunks.eager_forward(ctx, x, w, b, shard, rows, scale, grad_enabled, input_dtype=acc)
         ctx.save_for_backward(x, w, b, target, lse, scale)
-        ctx.grads, ctx.options, ctx.offset, ctx.num_classes = grads, options, offset, num_classes
-        ctx.rows, ctx.group = rows, group
+        ctx.options, ctx.offset, ctx.num_classes, ctx.rows, ctx.group = options, offset, num_classes, rows, group
         return _reduction.reduce(losses, options.reduction, den).to(x.dtype)  # all ignored: nan mean
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w, b, target, lse, scale = ctx.saved_tensors
-        acc = lse.dtype
-        if ctx.grads is not None:
-            grads, ctx.grads = ctx.grads, None
-            gx, gw, gb = grads.result(grad_out.to(acc))
-        else:  # reduction="none", or a second backward: recompute each chunk, with the saved lse
-            grads = _chunks.ParamGrads(x, w, acc, tuple(ctx.needs_input_grad[:3]), input_dtype=acc)
-            shard = _ShardRowLoss(ctx.options, target, ctx.offset, ctx.num_classes, None, lse, lse_known=True)
-            _chunks.chunked_pass(x, w, b, shard, ctx.rows, scale, upstream=grad_out.to(acc).expand(x.shape[0]),
-                                 grads=grads)
-            gx, gw, gb = grads.result()
+        shard = _ShardRowLoss(ctx.options, target, ctx.offset, ctx.num_classes, None, lse, lse_known=True)
+        gx, gw, gb = _chunks.eager_backward(ctx, grad_out, x, w, b, shard, ctx.rows, scale, input_dtype=lse.dtype)
         if gx is not None:  # every rank holds a part of dX = sum over shards of G_r W_r: N x H numbers
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=ctx.group)
             gx = gx.to(x.dtype)

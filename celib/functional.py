@@ -155,8 +155,7 @@ def cross_entropy(
     lse = None
     if z_loss or return_lse:
         # float32 for half inputs, float64 for float64 (the z-loss is computed in it; return_lse gives float32)
-        lse = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(),
-                              dim=0 if input.dim() == 1 else 1)
+        lse = torch.logsumexp(logits.to(_reduction.accumulator(logits.dtype)), dim=0 if input.dim() == 1 else 1)
     if z_loss:
         loss = loss + _z_term(z_loss, lse, target, weight, ignore_index, reduction).to(loss.dtype)
     if loss_dtype is not None:

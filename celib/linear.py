@@ -62,45 +62,24 @@ def _check(input, linear_weight, target, linear_bias, weight, reduction, ignore_
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """Chunked linear + cross-entropy; gradients formed in forward (mean, sum) or recomputed (none)."""
+    """Chunked linear + cross-entropy, eagerly: :func:`celib._chunks.eager_forward` and ``eager_backward``."""
 
     @staticmethod
     def forward(ctx, x, w, b, t, options: LossOptions, rows: int, backend: str, out_dtype, grad_enabled: bool):
-        acc = _chunks.accumulation_dtype(x)
+        acc = _reduction.accumulator(x.dtype)
         den, scale = _reduction.mean_scale(t, options, acc)
-        need = tuple(grad_enabled and n for n in ctx.needs_input_grad[:3])  # (forward runs without grad mode)
-        grads = _chunks.ParamGrads(x, w, acc, need) if options.reduction != "none" and any(need) else None
-        losses = torch.empty(x.shape[0], dtype=acc, device=x.device)
-        _chunks.chunked_pass(x, w, b, _chunks.row_loss(backend, options, t, acc), rows, scale, grads=grads,
-                             losses=losses)
+        losses = _chunks.eager_forward(ctx, x, w, b, _chunks.row_loss(backend, options, t, acc), rows, scale,
+                                       grad_enabled)
         ctx.save_for_backward(x, w, b, t, scale)
-        ctx.grads, ctx.options, ctx.rows, ctx.backend = grads, options, rows, backend
+        ctx.options, ctx.rows, ctx.backend = options, rows, backend
         return _reduction.reduce(losses, options.reduction, den).to(out_dtype or x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w, b, t, scale = ctx.saved_tensors
-        acc = _chunks.accumulation_dtype(x)
-        if ctx.grads is not None:
-            # Formed in forward: scale by the upstream scalar in place (no host sync, no copy). A second
-            # backward (retain_graph=True) finds them consumed and recomputes below.
-            grads, ctx.grads = ctx.grads, None
-            gx, gw, gb = grads.result(grad_out.to(acc))
-        else:
-            upstream = grad_out.to(acc).expand(x.shape[0])
-            gx, gw, gb = _recompute(x, w, b, t, ctx.options, ctx.rows, ctx.backend, scale, upstream,
-                                    tuple(ctx.needs_input_grad[:3]))
+        loss = _chunks.row_loss(ctx.backend, ctx.options, t, _reduction.accumulator(x.dtype))
+        gx, gw, gb = _chunks.eager_backward(ctx, grad_out, x, w, b, loss, ctx.rows, scale)
         return gx, gw, gb, None, None, None, None, None, None
-
-
-def _recompute(x, w, b, t, options, rows, backend, scale, upstream, need):
-    """(dX, dW, dB) of sum(loss_rows * scale * upstream), recomputing each chunk's logits (the upstream
-    per row is known only in backward): four matrix products instead of three."""
-    acc = _chunks.accumulation_dtype(x)
-    grads = _chunks.ParamGrads(x, w, acc, need)
-    _chunks.chunked_pass(x, w, b, _chunks.row_loss(backend, options, t, acc), rows, scale, upstream=upstream,
-                         grads=grads)
-    return grads.result()
 
 
 # ------------------------------------------------------------------------------------------- torch.compile
@@ -120,7 +99,7 @@ def _rows_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.
              z_loss: float, softcap: float | None, rows: int, backend: str) -> torch.Tensor:
     """Per-row losses (N,) of cross_entropy(x @ w.T + b, t), float32 (float64 for float64 input)."""
     options = LossOptions(weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    acc = _chunks.accumulation_dtype(x)
+    acc = _reduction.accumulator(x.dtype)
     losses = torch.empty(x.shape[0], dtype=acc, device=x.device)
     one = torch.ones((), dtype=acc, device=x.device)
     with torch.no_grad():
@@ -130,7 +109,7 @@ def _rows_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.
 
 @_rows_op.register_fake
 def _(x, w, b, t, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, rows, backend):
-    return x.new_empty(x.shape[0], dtype=_chunks.accumulation_dtype(x))
+    return x.new_empty(x.shape[0], dtype=_reduction.accumulator(x.dtype))
 
 
 @torch.library.custom_op("celib::linear_cross_entropy_rows_backward", mutates_args=())
@@ -140,10 +119,11 @@ def _rows_backward_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, 
                       need_x: bool, need_w: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX, dW, dB) of sum(losses * upstream); a 0-element tensor for a gradient not asked for."""
     options = LossOptions(weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    one = torch.ones((), dtype=_chunks.accumulation_dtype(x), device=x.device)
+    acc = _reduction.accumulator(x.dtype)
+    one = torch.ones((), dtype=acc, device=x.device)
     with torch.no_grad():
-        gx, gw, gb = _recompute(x, w, b, t, options, rows, backend, one, upstream,
-                                (need_x, need_w, need_b and b is not None))
+        gx, gw, gb = _chunks.recompute(x, w, b, _chunks.row_loss(backend, options, t, acc), rows, one, upstream,
+                                       (need_x, need_w, need_b and b is not None))
     # a fresh 0-element tensor per missing gradient: outputs of a custom op may not alias each other
     return (x.new_empty(0) if gx is None else gx, x.new_empty(0) if gw is None else gw,
             x.new_empty(0) if gb is None else gb)

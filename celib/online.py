@@ -68,8 +68,8 @@ def streaming_cross_entropy(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-row cross-entropy and its gradient, as the fused kernel does it.
 
-    Pass 1 streams the blocks for log-sum-exp (the kernel also picks up
-    the target logit as its block goes by; here it is simply indexed);
+    Pass 1 streams the blocks for log-sum-exp (the target's logit is
+    one load by index, here as in the kernel);
     pass 2 writes the gradient softmax - one_hot block by block (p - 1 at
     the target, formed before any rounding to a smaller dtype).
 

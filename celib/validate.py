@@ -5,6 +5,9 @@ wrong and what to do about it. The cheap checks (shapes, dtypes, option values)
 never touch tensor data; :func:`check_target_range` reads the targets and so
 synchronises with the device, which is why losses let callers skip it with
 ``check_inputs=False``.
+
+Only :func:`check_target_range` is public (a user's training loop may want it
+on its own); the other checks are celib's front ends' and may change.
 """
 
 from __future__ import annotations
@@ -17,10 +20,7 @@ import torch
 from celib._options import LossOptions
 from celib.errors import InputError
 
-__all__ = ["REDUCTIONS", "check_class_weight", "check_classification_args", "check_extras", "check_floating",
-           "check_label_smoothing", "check_loss_dtype", "check_output_layer", "check_probabilities",
-           "check_reduction", "check_same_shape", "check_target_range", "cross_entropy_options", "index_target_shape",
-           "is_index_target", "legacy_reduction", "loss_options", "num_classes"]
+__all__ = ["check_target_range"]  # the rest are the front ends' own checks, not an API
 
 REDUCTIONS = ("none", "mean", "sum")
 

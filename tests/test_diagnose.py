@@ -125,6 +125,16 @@ def test_empty_and_all_ignored_batches_give_a_nan_mean_and_are_named():
     assert torch.isnan(loss) and torch.equal(x.grad, torch.zeros_like(x))  # as the message says
 
 
+def test_an_input_with_no_classes_or_no_positions_is_named_not_a_raw_error():
+    found = celib.diagnose(torch.randn(3, 0), torch.tensor([0, 1, 2]))
+    assert [f.code for f in found] == ["no-classes"] and "C = 0" in found[0].message
+    with pytest.raises(IndexError):  # what PyTorch says for the same call
+        torch.nn.functional.cross_entropy(torch.randn(3, 0), torch.tensor([0, 1, 2]))
+    assert codes(torch.randn(2, 0, 4), torch.zeros(2, 4, dtype=torch.long)) == ["no-classes"]
+    assert codes(torch.randn(2, 3, 0), torch.zeros(2, 0, dtype=torch.long)) == ["empty-batch"]
+    assert codes(torch.randn(0, 5), torch.zeros(3, dtype=torch.long)) == ["target-shape"]
+
+
 def test_single_logit_meant_for_bce():
     assert codes(torch.randn(8, 1), torch.zeros(8, dtype=torch.long)) == ["single-logit"]
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from celib._reduction import accumulator
 from celib.errors import InputError
 from celib.functional import cross_entropy
 from celib.linear import linear_cross_entropy
@@ -73,11 +74,6 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
         tensor([[   6,    7, -100, -100]])
     """
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
-
-
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    # transformers upcasts the logits to float32; float64 stays float64 here (stock casts it down)
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_item(loss_sum_or_mean: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
@@ -129,7 +125,7 @@ def causal_lm_loss(
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
                          ignore_index=ignore_index, reduction=reduction, backend=backend,
-                         loss_dtype=_loss_dtype(logits.dtype))
+                         loss_dtype=accumulator(logits.dtype))  # float32 as transformers; float64 kept
     return _per_item(loss, num_items_in_batch)
 
 
@@ -285,7 +281,7 @@ def _fused_forward(model: torch.nn.Module, *args: Any, **kwargs: Any):
     loss = linear_cross_entropy(
         hidden, weight, targets.to(weight.device), linear_bias=bias, ignore_index=ignore_index,
         reduction="mean" if num_items is None else "sum", softcap=options.softcap,
-        chunk_size=options.chunk_size, backend=options.backend, loss_dtype=_loss_dtype(hidden.dtype))
+        chunk_size=options.chunk_size, backend=options.backend, loss_dtype=accumulator(hidden.dtype))
     fields = dict(output.items())  # a new output: ModelOutput keeps a key set to None in its tuple view
     fields["loss"] = _per_item(loss, num_items)
     if not keep_logits:

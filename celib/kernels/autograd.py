@@ -7,7 +7,8 @@ backward reads the upstream gradient on the device, moving nothing where it is
 gradient from the backward kernel (see :mod:`celib.kernels.kernel`). With
 ``inplace_backward`` the logits are overwritten, so an upstream other than 1
 rescales the stored gradient in place instead. A second backward through the
-same graph (``retain_graph=True``) recomputes into a new tensor.
+same graph (``retain_graph=True``) recomputes into a new tensor; with
+``inplace_backward`` it raises, since the logits it would read are gone.
 
 Under ``torch.compile`` the kernels are one opaque op to the compiler,
 ``celib::cross_entropy`` (registered with :func:`torch.library.custom_op`, with
