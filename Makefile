@@ -41,8 +41,10 @@ oldest-triton: $(OLDEST)/.installed
 	PYTHONPATH=$(OLDEST) $(BIN)/python -m pytest tests/test_kernels.py tests/test_upstream.py tests/test_tools_meter.py \
 	  tests/test_tools_resources.py tests/test_benchmarks.py -q -W "ignore:Conversion of an array with ndim:DeprecationWarning"
 
+# Two notebooks at a time (each sets one thread), each notebook's cells in order in one worker.
 nbval: $(STAMP)
-	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with .nbval-sanitize.cfg chapters using_celib.ipynb -q
+	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with .nbval-sanitize.cfg chapters using_celib.ipynb -q \
+	  -n 2 --dist loadfile
 
 # nbval again on the floating-point paths of other machines (scalar kernels, one thread, AVX2); see the script.
 portability: $(STAMP)
