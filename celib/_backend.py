@@ -20,13 +20,12 @@ def require_triton() -> None:
     if not kernels.available():
         raise ImportError(
             "backend='triton' needs the triton package, which is not installed (it exists for Linux): "
-            "pip install 'triton>=3.6', or reinstall celib from its source tree with the extra, "
+            f"pip install 'triton>={'.'.join(map(str, _versions.MIN_TRITON))}', or reinstall celib from its "
+            "source tree with the extra, "
             "pip install '.[triton]' (not 'celib' from the package index: that name belongs to another "
             "project). Use backend='torch' (or 'auto') instead."
         )
-    from celib._versions import check_triton
-
-    check_triton()
+    _versions.check_triton()
 
 
 def check(backend: str) -> None:

@@ -65,13 +65,15 @@ def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None, *
     - CPU: a quarter of the batch, at least 128 and at most 512 rows. A CPU's
       matrix products are compute-bound at any of these sizes; what costs is the per-chunk work that
       does not scale with the rows, so chunks should be large, and a quarter of the batch keeps
-      chunking worth its name for small batches (at most a quarter of the logits in memory).
+      chunking worth its name for large batches (a batch under 512 rows gets 128-row chunks, so
+      more than a quarter of its logits, or all of them, at once).
       ``benchmarks/bench_linear_ce.py`` measures the time against the unfused
       ``F.cross_entropy(x @ W.T)`` at several chunk sizes (the README shows a run).
 
     Either is capped so that a chunk's logits take at most ``memory`` bytes (default
     :data:`celib.linear.CHUNK_MEMORY` for the device: 2 GiB on CUDA, 256 MiB on CPU; a row counts its
     logits in the input's dtype plus a float32 copy for half inputs), and is at least 1 and at most N.
+    A ``chunk_size`` that is given is returned as it is (a chunk larger than N is then the whole batch).
     Peak extra memory is then about one chunk, plus the float32 gradient of the weight and the
     gradient of the input.
     """

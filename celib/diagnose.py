@@ -77,7 +77,15 @@ def diagnose(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -
     """
     input, target = torch.as_tensor(input), torch.as_tensor(target)
     findings = _check_finite(input)
-    if input.dim() == 0 or not input.is_floating_point():
+    if input.dim() > 0 and not input.is_floating_point():
+        return [Finding(
+            "input-dtype",
+            f"input has dtype {input.dtype}: a loss takes floating-point logits (scores), and "
+            "cross_entropy refuses an integer tensor.",
+            "pass the model's floating-point output; an integer input is often predicted classes "
+            "(an argmax) where the scores were meant.",
+        )]
+    if input.dim() == 0:
         return findings
     if input.numel() == 0:
         return findings + _check_empty(input, target)

@@ -37,20 +37,21 @@ from celib.errors import InputError
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
 
-def _shard_offsets(local_classes: int, device: torch.device, group) -> tuple[int, int]:
-    """(first class of this rank's shard, total number of classes), from one all-gather of the sizes."""
+def _shard_offsets(local_classes: int, device: torch.device, group) -> tuple[int, int, int]:
+    """(first class of this rank's shard, total number of classes, largest shard), from one all-gather of
+    the sizes."""
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([local_classes], dtype=torch.int64, device=device), group=group)
     sizes = [int(s) for s in sizes]
     rank = dist.get_rank(group)
-    return sum(sizes[:rank]), sum(sizes)
+    return sum(sizes[:rank]), sum(sizes), max(sizes)
 
 
 def _check_and_locate(target, rows_of, name, local_classes, group, ignore_index, reduction, label_smoothing,
-                      z_loss) -> tuple[LossOptions, int, int]:
-    """Check the target and options alike on every rank; the options, the offset of this shard and the
-    total number of classes."""
+                      z_loss) -> tuple[LossOptions, int, int, int]:
+    """Check the target and options alike on every rank; the options, the offset of this shard, the
+    total number of classes and the largest shard's."""
     if not isinstance(target, torch.Tensor) or not validate.is_index_target(target) or target.dim() != 1:
         raise InputError("target must be a 1-D integer tensor of global class indices.")
     if target.shape[0] != rows_of.shape[0]:
@@ -59,9 +60,9 @@ def _check_and_locate(target, rows_of, name, local_classes, group, ignore_index,
         raise InputError(f"target is on {target.device} but {name} is on {rows_of.device}; move it with "
                          f"target.to({name}.device).")
     options = validate.loss_options(None, ignore_index, reduction, label_smoothing, z_loss)
-    offset, num_classes = _shard_offsets(local_classes, rows_of.device, group)
+    offset, num_classes, largest = _shard_offsets(local_classes, rows_of.device, group)
     validate.check_target_range(target, num_classes, ignore_index)
-    return options, offset, num_classes
+    return options, offset, num_classes, largest
 
 
 def _whole_row_stats(z, owned, local_t, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,8 +188,8 @@ def vocab_parallel_cross_entropy(
     validate.check_floating("local_logits", local_logits)
     if local_logits.dim() != 2:
         raise InputError(f"local_logits must be (N, V_r), got shape {tuple(local_logits.shape)}.")
-    options, offset, num_classes = _check_and_locate(target, local_logits, "local_logits", local_logits.shape[1],
-                                                     group, ignore_index, reduction, label_smoothing, z_loss)
+    options, offset, num_classes, _ = _check_and_locate(target, local_logits, "local_logits", local_logits.shape[1],
+                                                        group, ignore_index, reduction, label_smoothing, z_loss)
     return _VocabParallelCrossEntropy.apply(local_logits, target.long(), options, offset, num_classes, group)
 
 
@@ -258,7 +259,8 @@ def vocab_parallel_linear_cross_entropy(
         reduction: as in :func:`celib.cross_entropy`.
         label_smoothing: as in :func:`celib.cross_entropy`.
         z_loss: as in :func:`celib.cross_entropy`.
-        chunk_size: rows per chunk (default: :func:`celib.linear.chunk_rows` for the shard).
+        chunk_size: rows per chunk, the same on every rank (default: :func:`celib.linear.chunk_rows`
+            for the largest shard, so that every rank makes the same collectives).
 
     Raises:
         InputError: a target outside [0, V) or bad options on every rank alike (each checks the same
@@ -267,9 +269,11 @@ def vocab_parallel_linear_cross_entropy(
     """
     validate.check_output_layer(input, weight_shard, bias_shard, names=("weight_shard", "bias_shard"),
                                 sequences=False)
-    options, offset, num_classes = _check_and_locate(target, input, "input", weight_shard.shape[0], group,
-                                                     ignore_index, reduction, label_smoothing, z_loss)
-    rows = chunk_rows(input.shape[0], weight_shard.shape[0], chunk_size, dtype=input.dtype, device=input.device,
+    options, offset, num_classes, largest = _check_and_locate(target, input, "input", weight_shard.shape[0], group,
+                                                              ignore_index, reduction, label_smoothing, z_loss)
+    # The same rows on every rank, from the largest shard: each chunk is a collective, so ranks whose
+    # shard sizes would give different chunks would call mismatched all-reduces.
+    rows = chunk_rows(input.shape[0], largest, chunk_size, dtype=input.dtype, device=input.device,
                       hidden=input.shape[1])
     return _VocabParallelLinearCrossEntropy.apply(input, weight_shard, bias_shard, target.long(), options, offset,
                                                   num_classes, rows, group, torch.is_grad_enabled())

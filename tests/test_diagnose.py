@@ -125,6 +125,13 @@ def test_empty_and_all_ignored_batches_give_a_nan_mean_and_are_named():
     assert torch.isnan(loss) and torch.equal(x.grad, torch.zeros_like(x))  # as the message says
 
 
+def test_integer_logits_are_named():
+    found = celib.diagnose(torch.randint(0, 5, (4, 3)), torch.tensor([0, 1, 2, 0]))
+    assert [f.code for f in found] == ["input-dtype"] and "torch.int64" in found[0].message
+    with pytest.raises(RuntimeError):  # PyTorch refuses the call that diagnose warns about
+        torch.nn.functional.cross_entropy(torch.randint(0, 5, (4, 3)), torch.tensor([0, 1, 2, 0]))
+
+
 def test_an_input_with_no_classes_or_no_positions_is_named_not_a_raw_error():
     found = celib.diagnose(torch.randn(3, 0), torch.tensor([0, 1, 2]))
     assert [f.code for f in found] == ["no-classes"] and "C = 0" in found[0].message

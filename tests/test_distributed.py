@@ -320,6 +320,38 @@ def scenario_linear_communication_volume(rank: int, world: int) -> None:
     assert moved == [("all_gather", world)] + chunks + [("all_reduce", n * h)], moved
 
 
+def scenario_linear_default_chunks_on_uneven_shards(rank: int, world: int) -> None:
+    """With the default chunk_size every rank chunks alike, from the largest shard, where each shard's own
+    rule would give other chunks (each chunk is a collective: mismatched chunks abort gloo or hang)."""
+    import celib
+    from celib import _chunk_size
+    from celib.distributed import vocab_parallel_linear_cross_entropy
+
+    torch.manual_seed(0)
+    n, h, vocab = 48, 8, 300
+    sizes = _shards(world, vocab)
+    x = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    w_full = torch.randn(vocab, h, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, vocab, (n,))
+    start = sum(sizes[:rank])
+    w = w_full.detach()[start:start + sizes[rank]].clone().requires_grad_()
+    saved = _chunk_size.CHUNK_MEMORY["cpu"]
+    _chunk_size.CHUNK_MEMORY["cpu"] = 8 * 400  # float64 rows of 100 and 200 classes: 4 and 2 rows a chunk
+    try:
+        own = {_chunk_size.chunk_rows(n, v, None, dtype=x.dtype, device=x.device, hidden=h) for v in sizes}
+        assert len(own) == world, own  # each shard's own rule differs
+        loss = vocab_parallel_linear_cross_entropy(x, w, t)
+        loss.backward()
+    finally:
+        _chunk_size.CHUNK_MEMORY["cpu"] = saved
+    x_ref = x.detach().clone().requires_grad_()
+    want = celib.linear_cross_entropy(x_ref, w_full, t)
+    want.backward()
+    assert torch.allclose(loss, want, rtol=1e-12, atol=0)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(w.grad, w_full.grad[start:start + sizes[rank]], rtol=1e-10, atol=1e-14)
+
+
 SCENARIOS = {name.removeprefix("scenario_"): fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
@@ -338,7 +370,7 @@ def outcomes(request) -> dict[int, dict[str, str]]:
 
 
 def test_every_scenario_is_collected():
-    assert len(SCENARIOS) == 12
+    assert len(SCENARIOS) == 13
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -483,6 +483,21 @@ def test_masked_logits_index_targets_as_pytorch(kwargs):
         assert torch.isinf(loss[5]) and torch.isnan(loss[7])  # -inf target logit: inf; all -inf: nan
 
 
+@pytest.mark.parametrize("max_block", [None, 2])
+def test_a_row_of_only_minus_inf_is_nan_whatever_its_target_factor(max_block):
+    """nan, as PyTorch gives, also where the target's own factor is 0 and only the class mass sees the row:
+    probability targets, smoothing 1, a zero class weight (the kernel once returned +inf there)."""
+    x = torch.tensor([[0.5, 1.0, -2.0], [-math.inf] * 3])
+    t = torch.tensor([0, 1])
+    cases = [(torch.tensor([[0.2, 0.3, 0.5]] * 2), {}), (t, dict(label_smoothing=1.0)),
+             (t, dict(weight=torch.tensor([1.0, 0.0, 1.0]), label_smoothing=0.1))]
+    for target, opts in cases:
+        ours = fused(x, target, reduction="none", max_block=max_block, **opts)
+        theirs = F.cross_entropy(x, target, reduction="none", **opts)
+        assert torch.isnan(theirs[1]) and torch.isnan(ours[1]), (opts, ours)
+        assert torch.allclose(ours[0], theirs[0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("max_block", [None, 16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_masked_logits_probability_targets(max_block, smoothing):

@@ -179,6 +179,7 @@ def _loss(m, log_d, z_t, c_t, sum_w, sum_wz, n_pos, n_neg, z_loss, kept, valid,
     if HAS_Z_LOSS:
         loss += z_loss * lse * lse
         coef += 2.0 * z_loss * lse
+    loss = tl.where(log_d == -float("inf"), float("nan"), loss)  # every logit -inf: nan, as in PyTorch
     loss = tl.where(valid, loss, float("nan"))  # a class index outside the row: nan, never a finite number
     coef = tl.where(valid, coef, float("nan"))
     return tl.where(kept, loss, 0.0), tl.where(kept, coef, 0.0), lse
