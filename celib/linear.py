@@ -30,7 +30,7 @@ import contextlib
 
 import torch
 
-from celib import _backend, _chunk_size, _chunks, _reduction, validate
+from celib import _backend, _chunk_size, _chunks, _reduction, functional, validate
 from celib._chunk_size import chunk_rows
 from celib._options import LossOptions
 from celib.errors import InputError
@@ -259,6 +259,11 @@ def linear_cross_entropy(
     t = target.reshape(-1)
     if check_inputs:
         validate.check_target_range(t, vocab, ignore_index)
+    if vocab == 0:  # no classes, every row ignored: PyTorch's answer (mean nan, sum 0), no chunk loop
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        return functional.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                        check_inputs=False).to(loss_dtype or input.dtype)
     t = t.long()
     use_kernel = _backend.use_kernel(backend, input)
     x, w, b = input.reshape(-1, hidden), linear_weight, linear_bias

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import celib
-from celib import kernels
+from celib import InputError, kernels
 from celib.linear import chunk_rows
 from tests import bounds
 
@@ -113,6 +113,19 @@ def test_all_ignored_and_empty_batches(reduction):
     for a, e in zip(ours, theirs):
         torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
 
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_head_with_no_classes_gives_pytorchs_answer(reduction):
+    x, _, _, _ = _inputs(n=5)
+    w, b = x.new_zeros(0, x.shape[1], requires_grad=True), x.new_zeros(0, requires_grad=True)
+    ignored = torch.full((5,), -100)
+    theirs = _grads(lambda x, w, b: F.linear_cross_entropy(x, w, ignored, linear_bias=b, reduction=reduction), x, w, b)
+    ours = _grads(lambda x, w, b: celib.linear_cross_entropy(x, w, ignored, linear_bias=b, reduction=reduction),
+                  x, w, b)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(InputError, match="outside"):  # a kept target has no class to point to
+        celib.linear_cross_entropy(x, w, torch.zeros(5, dtype=torch.long), linear_bias=b)
 
 def test_float32_within_the_float32_bound_of_the_float64_truth():
     """float32 results against the float64 truth, within a bound built from tests/bounds.py.
