@@ -64,18 +64,18 @@ def resources() -> None:
             "    one = block_size(c) >= c\n"
             "    pair = [Config('forward', c), Config('backward', c, skip_unit=one)]\n"
             "    rs = [compile_config(k, 90) for k in pair]\n"
-            "    per = rs[0].per_logit + (rs[1].exit_per_logit if one else rs[1].per_logit)\n"
-            "    path = 'one-block' if one else 'streamed'\n"
-            "    for r in rs:\n"
+            "    names = ['one-block', None] if one else ['streamed forward', 'streamed backward']\n"
+            "    for r, name in zip(rs, names):\n"
+            "        per = r.per_logit if name else f'{r.exit_per_logit:.1f} to its exit at upstream 1'\n"
+            "        per = f'{per:.1f} (budget {budget(name):.0f})' if name else per\n"
             "        print(f'| {c} | {r.kernel} | {r.block} | {r.num_warps} | {r.registers} | {r.spills} | '\n"
-            "              f'{r.warps_per_sm} | {r.per_logit:.1f} |')\n"
-            "    print(f'| {c} | forward + backward at upstream 1 | | | | | | {per:.1f} '\n"
-            "          f'(budget {budget(path):.0f}) |')\n")
+            "              f'{r.warps_per_sm} | {per} |')\n")
     env = dict(os.environ, TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     print("\nLaunch resources, compiled as a launch specialises them, for an H100 (sm_90a), bf16, index targets; "
           "instructions per logit are a static SASS count; the budget is what an H100 issues while its memory "
-          "moves the path's bytes (4 per logit in one block, 6 streamed):")
+          "moves the kernel's bytes (4 per logit for the one-block forward, whose backward exits at upstream 1; "
+          "2 for the streamed forward, 4 for its backward):")
     print("| C | kernel | block | warps | registers/thread | spill bytes | warps/SM | instructions/logit |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     print(out.stdout, end="")

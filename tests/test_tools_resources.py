@@ -19,10 +19,12 @@ from celib import kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-#: The issue budget, plain case (index targets, no options, bf16, forward + backward at upstream 1, sm_90a),
-#: in SASS instructions per logit; an H100 issues ~10 per byte, so 1 R + 1 W of bf16 affords ~40 and
-#: 2 R + 1 W ~60 before the kernel is issue-bound rather than memory-bound.
-ONE_BLOCK_BUDGET, STREAMED_BUDGET = 30.0, 45.0
+#: The issue budget, plain case (index targets, no options, bf16, upstream 1, sm_90a), in SASS instructions
+#: per logit, per kernel (kernels that run one after the other do not share their time): an H100 issues
+#: ~10 per byte, so the one-block forward (1 R + 1 W of bf16, its backward exiting) affords ~40, the streamed
+#: forward (1 R) ~20 and the streamed backward (1 R + 1 W) ~40 before it is issue-bound rather than
+#: memory-bound. The limits below keep a quarter of each in hand.
+ONE_BLOCK_BUDGET, STREAMED_FORWARD_BUDGET, STREAMED_BACKWARD_BUDGET = 30.0, 15.0, 30.0
 
 
 def _script(code: str) -> str:
@@ -76,9 +78,9 @@ def test_plain_case_within_the_instruction_budget_on_h100(table):
         forward = float(plain("forward (one block)", block)["instructions/logit"])
         at_one = float(plain("backward (one block)", block)["to first EXIT/logit"])  # upstream 1: exits
         assert forward + at_one <= ONE_BLOCK_BUDGET, (block, forward, at_one)
-    streamed = (float(plain("forward (streamed)", MAX_BLOCK)["instructions/logit"])
-                + float(plain("backward", MAX_BLOCK)["instructions/logit"]))
-    assert streamed <= STREAMED_BUDGET, streamed
+    forward = float(plain("forward (streamed)", MAX_BLOCK)["instructions/logit"])
+    backward = float(plain("backward", MAX_BLOCK)["instructions/logit"])
+    assert forward <= STREAMED_FORWARD_BUDGET and backward <= STREAMED_BACKWARD_BUDGET, (forward, backward)
 
 
 def test_options_cost_only_when_on(table):
@@ -91,18 +93,23 @@ def test_options_cost_only_when_on(table):
         assert h100["forward (streamed)", option] > plain + 1, option
 
 
-def test_special_function_work_within_its_budget_on_h100(table):
-    """Exponentials and reciprocals per logit, as chapter 5 counts them: one per pass plain, three per pass
-    with soft-capping (its tanh is an exponential and a reciprocal), against an H100's budget."""
+def test_special_function_work_against_each_kernels_budget_on_h100(table):
+    """Exponentials and reciprocals per logit, as chapter 5 counts them, kernel by kernel: one per pass plain,
+    three with soft-capping (its tanh is an exponential and a reciprocal). The plain kernels are far within
+    their budgets; the soft-capped streamed forward, one read of 2 bytes per logit, is over its 2.5."""
     from celib.kernels.tools.resources import special_budget
 
     h100 = {(r["kernel"], r["features"], r["block"]): float(r["special/logit"]) for r in table
             if r["GPU"] == "sm_90a" and r["dtype"] == "bfloat16" and r["layout"] == "contiguous"}
+    assert special_budget("one-block") == pytest.approx(5.0, abs=0.02)
+    assert special_budget("streamed forward") == pytest.approx(2.5, abs=0.01)
+    assert special_budget("streamed backward") == pytest.approx(5.0, abs=0.02)
     assert 0.9 < h100["forward (one block)", "index", "16384"] < 1.2
-    plain = h100["forward (streamed)", "index", "16384"] + h100["backward", "index", "16384"]
-    assert 1.9 < plain < 2.2 and plain < special_budget("streamed") / 3
-    capped = h100["forward (streamed)", "softcap", "4096"] + h100["backward", "softcap", "4096"]
-    assert 5.8 < capped < 6.4 < special_budget("streamed") == pytest.approx(7.5, abs=0.02)
+    assert 0.9 < h100["forward (streamed)", "index", "16384"] < 1.2 < special_budget("streamed forward") / 2
+    assert 0.9 < h100["backward", "index", "16384"] < 1.2 < special_budget("streamed backward") / 4
+    capped_forward, capped_backward = h100["forward (streamed)", "softcap", "4096"], h100["backward", "softcap", "4096"]
+    assert special_budget("streamed forward") < capped_forward < 3.4
+    assert 2.8 < capped_backward < special_budget("streamed backward")
 
 
 def test_one_block_backward_at_upstream_one_exits_before_any_special_function():
