@@ -98,7 +98,7 @@ def softmax_grad_(e: torch.Tensor, total: torch.Tensor, lse: torch.Tensor, w_t: 
     coef = ((1 - a) * w_t + (a / num_classes) * sum_w * kept + 2 * o.z_loss * lse * kept) * s
     g = e.mul_((coef / total)[:, None])  # coef * p, in place
     if a:
-        g.addr_(s, o.weight if o.weight is not None else torch.ones_like(e[0]), alpha=-a / num_classes)
+        g.addr_(s, o.weight if o.weight is not None else e.new_ones(e.shape[1]), alpha=-a / num_classes)
     return g
 
 

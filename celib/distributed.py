@@ -32,7 +32,7 @@ import torch.distributed as dist
 from celib import _chunks, _reduction, validate
 from celib._chunk_size import chunk_rows
 from celib._options import LossOptions
-from celib.errors import InputError
+from celib.errors import InputError, refuse_double_backward
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -212,6 +212,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("celib.vocab_parallel_linear_cross_entropy", "Compute the logits and the "
+                               "loss unfused where you need create_graph=True.")
         x, w, b, target, lse, scale = ctx.saved_tensors
         shard = _ShardRowLoss(ctx.options, target, ctx.offset, ctx.num_classes, None, lse, lse_known=True)
         gx, gw, gb = _chunks.eager_backward(ctx, grad_out, x, w, b, shard, ctx.rows, scale, input_dtype=lse.dtype)

@@ -95,7 +95,11 @@ def cross_entropy(
             logits' storage to save memory; the input's values are destroyed
             (and on a leaf tensor its ``.grad`` is that same memory: pass a
             model's output, not a parameter). Logits whose elements overlap
-            (``expand``) raise ``InputError``. The PyTorch path ignores it.
+            (``expand``) raise ``InputError``; logits that the op producing them
+            saved for its own backward (``exp``, ``softmax``, ...) make that
+            backward raise autograd's in-place error. The PyTorch path ignores it.
+            The kernel's backward has no double backward: ``create_graph=True``
+            raises ``InputError`` (use ``backend="torch"`` there).
         loss_dtype: dtype of the returned loss; ``None`` gives PyTorch's: the
             input's dtype, promoted with a probability target's.
             ``torch.float32`` returns a float32 loss for half inputs,

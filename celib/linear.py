@@ -33,7 +33,7 @@ import torch
 from celib import _backend, _chunk_size, _chunks, _reduction, functional, validate
 from celib._chunk_size import chunk_rows
 from celib._options import LossOptions
-from celib.errors import InputError
+from celib.errors import InputError, refuse_double_backward
 
 __all__ = ["CHUNK_MEMORY", "chunk_rows", "linear_cross_entropy"]
 
@@ -76,6 +76,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("celib.linear_cross_entropy", "Compute the loss unfused, "
+                               "F.cross_entropy(F.linear(input, linear_weight, linear_bias), target), "
+                               "where you need create_graph=True.")
         x, w, b, t, scale = ctx.saved_tensors
         loss = _chunks.row_loss(ctx.backend, ctx.options, t, _reduction.accumulator(x.dtype))
         gx, gw, gb = _chunks.eager_backward(ctx, grad_out, x, w, b, loss, ctx.rows, scale)

@@ -148,6 +148,9 @@ def scenario_edge_cases(rank: int, world: int) -> None:
     _compare(rank, world, full, torch.full((6,), -100), sizes, 1e-12, reduction="sum")
     _compare(rank, world, full, torch.randint(0, sizes[0], (6,), generator=g), sizes, 1e-12, label_smoothing=0.1)
     _compare(rank, world, full[:0], torch.zeros(0, dtype=torch.long), sizes, 1e-12, reduction="sum")
+    for reduction in ("mean", "sum"):  # an empty batch with label smoothing: PyTorch's nan / 0, no crash
+        _compare(rank, world, full[:0], torch.zeros(0, dtype=torch.long), sizes, 1e-12, reduction=reduction,
+                 label_smoothing=0.1)
     masked = full.clone()
     masked[:, [3, vocab - 1]] = -torch.inf  # a padded vocabulary: classes that no target uses
     used = torch.randint(4, vocab - 1, (6,), generator=g)
@@ -257,6 +260,18 @@ def scenario_linear_edge_cases(rank: int, world: int) -> None:
     _linear_compare(rank, world, sizes, n=5, ignored=range(5))
     _linear_compare(rank, world, sizes, n=5, ignored=range(5), reduction="sum")
     _linear_compare(rank, world, sizes, n=0, ignored=(), reduction="sum")
+    import celib
+    from celib.distributed import vocab_parallel_linear_cross_entropy
+
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)  # create_graph=True is refused
+    w = torch.randn(sizes[rank], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    loss = vocab_parallel_linear_cross_entropy(x, w, torch.zeros(3, dtype=torch.long))
+    try:
+        torch.autograd.grad(loss, x, create_graph=True)
+    except celib.InputError as e:
+        assert "create_graph=True" in str(e)
+    else:
+        raise AssertionError("create_graph=True was not refused")
 
 
 def scenario_linear_errors_on_every_rank(rank: int, world: int) -> None:

@@ -203,6 +203,27 @@ def test_inplace_backward_writes_the_gradient_over_the_logits():
     assert logits.data_ptr() == storage
 
 
+
+@pytest.mark.parametrize("producer", [torch.exp, torch.sigmoid, torch.tanh])
+def test_inplace_backward_under_an_op_that_saved_the_logits_raises(producer):
+    """exp, sigmoid, tanh save their output for backward; once the kernel wrote the gradient there, their
+    backward must raise autograd's in-place error, not read the gradient as their output."""
+    z = torch.randn(3, 8, requires_grad=True)
+    loss = fused(producer(z), torch.tensor([1, 5, 2]), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("max_block", [MAX_BLOCK, 8])  # a row in one block, and a streamed one
+def test_double_backward_raises_instead_of_dropping_the_second_order_term(max_block):
+    x = torch.randn(4, 20, requires_grad=True)
+    loss = fused(x, torch.tensor([1, 5, 2, 0]), max_block=max_block)
+    with pytest.raises(celib.InputError, match="create_graph=True.*backend='torch'"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    (g,) = torch.autograd.grad(fused(x, torch.tensor([1, 5, 2, 0]), max_block=max_block), x)  # a plain one
+    (expected,) = torch.autograd.grad(F.cross_entropy(x, torch.tensor([1, 5, 2, 0])), x)
+    torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6)
+
 def test_without_gradients_the_forward_writes_no_gradient(monkeypatch):
     """Under torch.no_grad (evaluation) the forward computes no gradient, so inplace_backward leaves the
     logits as they are; the loss is the same."""

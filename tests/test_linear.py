@@ -127,6 +127,17 @@ def test_a_head_with_no_classes_gives_pytorchs_answer(reduction):
     with pytest.raises(InputError, match="outside"):  # a kept target has no class to point to
         celib.linear_cross_entropy(x, w, torch.zeros(5, dtype=torch.long), linear_bias=b)
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_double_backward_raises_instead_of_dropping_the_second_order_term(backend):
+    if backend == "triton" and not kernels.available():
+        pytest.skip("triton is not installed")
+    x, w, b, t = _inputs(n=5, dtype=torch.float32)
+    x = x.clone().requires_grad_(True)
+    loss = celib.linear_cross_entropy(x, w.requires_grad_(True), t, linear_bias=b, backend=backend)
+    with pytest.raises(InputError, match="create_graph=True"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
 def test_float32_within_the_float32_bound_of_the_float64_truth():
     """float32 results against the float64 truth, within a bound built from tests/bounds.py.
 

@@ -33,6 +33,7 @@ import torch
 
 from celib import _reduction, validate
 from celib._options import LossOptions
+from celib.errors import refuse_double_backward
 from celib.kernels import launch
 
 __all__ = ["CrossEntropyFunction", "cross_entropy_backward_op", "cross_entropy_op"]
@@ -52,18 +53,19 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, options: LossOptions, inplace_backward: bool, max_block: int,
                 grad_enabled: bool):
-        x = launch.as_rows(logits)
+        x = launch.as_rows(logits.detach())
         t = launch.as_rows(target) if target.is_floating_point() else target.reshape(-1)
         compute_grad = grad_enabled and ctx.needs_input_grad[0]  # (forward itself runs without grad mode)
         in_place = inplace_backward and compute_grad  # write the gradient over the logits' storage
-        loss, out, grad_scale = _forward(x.detach(), t, options, max_block, compute_grad,
-                                         grad_out=x.detach() if in_place else None)
+        loss, out, grad_scale = _forward(x, t, options, max_block, compute_grad, grad_out=x if in_place else None)
+        if in_place:  # the logits now hold the gradient: an op that saved them for its backward must notice
+            torch.autograd.graph.increment_version(logits)
         batch_shape = validate.index_target_shape(logits)
         loss = loss.view(batch_shape) if options.reduction == "none" else loss
         lse = out.lse.view(batch_shape)
         ctx.mark_non_differentiable(lse)
         if compute_grad:
-            ctx.save_for_backward(x, t, out.stats, grad_scale)
+            ctx.save_for_backward(logits, t, out.stats, grad_scale)  # the input itself: autograd checks its version
             ctx.grad = out.grad  # one-block rows: written already, scaled in place in backward
             ctx.backward_done = False
             ctx.options, ctx.max_block, ctx.in_place, ctx.input_shape = options, max_block, in_place, logits.shape
@@ -71,7 +73,10 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        x, t, stats, grad_scale = ctx.saved_tensors
+        refuse_double_backward("celib.cross_entropy on the Triton kernel",
+                               "Use backend='torch' where you need create_graph=True.")
+        logits, t, stats, grad_scale = ctx.saved_tensors
+        x = launch.as_rows(logits.detach())
         options, max_block, in_place = ctx.options, ctx.max_block, ctx.in_place
         grad, ctx.grad = ctx.grad, None  # the next backward (retain_graph) finds None and recomputes
         if grad is not None and in_place:  # the logits are gone: rescale what forward wrote over them
