@@ -143,6 +143,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("celib.vocab_parallel_cross_entropy", "Gather the logits and use "
+                               "celib.cross_entropy(..., backend='torch') where you need create_graph=True.")
         local_logits, target, lse, scale = ctx.saved_tensors
         z = local_logits.to(lse.dtype, copy=True)  # overwritten by the gradient
         shard = _ShardRowLoss(ctx.options, target, ctx.offset, ctx.num_classes, None, lse, lse_known=True)

@@ -13,6 +13,7 @@ on its own); the other checks are celib's front ends' and may change.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -208,8 +209,15 @@ def check_loss_dtype(loss_dtype: object) -> None:
                          f"{loss_dtype!r}.")
 
 
+def _check_real(name: str, value: object) -> None:
+    """Raise unless ``value`` is a real number (not a bool, a string or None): every backend reads it alike."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be a number, got {value!r}; convert it first (e.g. float(...)).")
+
+
 def check_label_smoothing(label_smoothing: float) -> None:
     """Raise unless 0 <= label_smoothing <= 1."""
+    _check_real("label_smoothing", label_smoothing)
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise InputError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
 
@@ -231,6 +239,9 @@ def cross_entropy_options(
 
 def check_extras(z_loss: float, softcap: float | None) -> None:
     """Raise unless z_loss >= 0 and softcap is None or positive (the LLM options of cross_entropy)."""
+    _check_real("z_loss", z_loss)
+    if softcap is not None:
+        _check_real("softcap", softcap)
     if softcap is not None and not 0 < float(softcap) < math.inf:
         raise InputError(f"softcap must be a positive finite number or None, got {softcap}.")
     if not 0 <= float(z_loss) < math.inf:  # nan and inf included

@@ -148,6 +148,18 @@ def scenario_edge_cases(rank: int, world: int) -> None:
     _compare(rank, world, full, torch.full((6,), -100), sizes, 1e-12, reduction="sum")
     _compare(rank, world, full, torch.randint(0, sizes[0], (6,), generator=g), sizes, 1e-12, label_smoothing=0.1)
     _compare(rank, world, full[:0], torch.zeros(0, dtype=torch.long), sizes, 1e-12, reduction="sum")
+    import celib
+    from celib.distributed import vocab_parallel_cross_entropy
+
+    start = sum(sizes[:rank])
+    shard = full[:, start : start + sizes[rank]].clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(shard, torch.zeros(6, dtype=torch.long), label_smoothing=0.1)
+    try:  # create_graph=True is refused, not answered without the second-order term through the lse
+        torch.autograd.grad(loss, shard, create_graph=True)
+    except celib.InputError as e:
+        assert "create_graph=True" in str(e)
+    else:
+        raise AssertionError("create_graph=True was not refused")
     for reduction in ("mean", "sum"):  # an empty batch with label smoothing: PyTorch's nan / 0, no crash
         _compare(rank, world, full[:0], torch.zeros(0, dtype=torch.long), sizes, 1e-12, reduction=reduction,
                  label_smoothing=0.1)

@@ -118,3 +118,18 @@ def test_ignore_index_takes_any_integer_type_as_pytorch():
 def test_probabilities_with_nan_are_refused():
     with raises("found NaN"):
         celib.binary_cross_entropy(torch.tensor([0.5, float("nan")]), torch.tensor([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("option", ["label_smoothing", "z_loss", "softcap"])
+@pytest.mark.parametrize("value", ["0.1", None, True])
+def test_a_numeric_option_that_is_not_a_number_is_refused_on_every_backend(option, value):
+    """A string from a config file must not work on one backend and fail on another: both refuse it."""
+    if option == "softcap" and value is None:
+        return  # softcap=None is the default: off
+    x, t = torch.randn(3, 5), torch.tensor([0, 2, 4])
+    backends = ["torch"] + (["triton"] if celib.kernels.available() else [])
+    for backend in backends:
+        with pytest.raises(celib.InputError, match=f"{option} must be a number"):
+            celib.cross_entropy(x, t, backend=backend, **{option: value})
+    with pytest.raises(celib.InputError, match=f"{option} must be a number"):
+        celib.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), t, **{option: value})
