@@ -66,8 +66,8 @@ def resources() -> None:
             "    rs = [compile_config(k, 90) for k in pair]\n"
             "    names = ['one-block', None] if one else ['streamed forward', 'streamed backward']\n"
             "    for r, name in zip(rs, names):\n"
-            "        per = r.per_logit if name else f'{r.exit_per_logit:.1f} to its exit at upstream 1'\n"
-            "        per = f'{per:.1f} (budget {budget(name):.0f})' if name else per\n"
+            "        per = (f'{r.per_logit:.1f} (budget {budget(name):.0f})' if name\n"
+            "               else f'{r.exit_per_logit:.1f} to its exit at upstream 1')\n"
             "        print(f'| {c} | {r.kernel} | {r.block} | {r.num_warps} | {r.registers} | {r.spills} | '\n"
             "              f'{r.warps_per_sm} | {per} |')\n")
     env = dict(os.environ, TRITON_INTERPRET="0")

@@ -242,8 +242,8 @@ def check_extras(z_loss: float, softcap: float | None) -> None:
     _check_real("z_loss", z_loss)
     if softcap is not None:
         _check_real("softcap", softcap)
-    if softcap is not None and not 0 < float(softcap) < math.inf:
-        raise InputError(f"softcap must be a positive finite number or None, got {softcap}.")
+        if not 0 < float(softcap) < math.inf:
+            raise InputError(f"softcap must be a positive finite number or None, got {softcap}.")
     if not 0 <= float(z_loss) < math.inf:  # nan and inf included
         raise InputError(f"z_loss must be a finite number >= 0, got {z_loss}.")
 
