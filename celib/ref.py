@@ -36,9 +36,16 @@ def logsumexp(z: ArrayLike, axis: int = -1) -> np.ndarray:
 
 
 def log_softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:
-    """log softmax(z) = z - logsumexp(z): finite for any finite logits."""
+    """log softmax(z) = (z - m) - log(sum(exp(z - m))), m the max: finite for any finite logits.
+
+    The differences are formed first: z - logsumexp(z) would round the log-sum-exp at the logits'
+    magnitude before subtracting, and lose a confident row's small log-probabilities.
+    """
     z = np.asarray(z, dtype=np.float64)
-    return z - np.expand_dims(logsumexp(z, axis), axis)
+    m = np.max(z, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)  # a row of -inf stays -inf instead of becoming nan
+    with np.errstate(divide="ignore"):
+        return (z - m) - np.log(np.sum(np.exp(z - m), axis=axis, keepdims=True))
 
 
 def softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:

@@ -166,3 +166,11 @@ def test_kl_div_batchmean_of_a_0_dim_input_is_one_example():
     want = torch.nn.functional.kl_div(torch.tensor(-1.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64),
                                       reduction="batchmean").item()
     assert abs(got - want) < 1e-15
+
+
+def test_log_softmax_forms_the_differences_first():
+    """z - logsumexp(z) would round the LSE at 1030 (spacing 2.3e-13) and return 0 for this loss."""
+    z = np.array([[1030.0, 1000.0]])
+    exact = np.log1p(np.exp(-30.0))  # 9.36e-14
+    assert abs(ref.cross_entropy(z, np.array([0])) / exact - 1) < 2e-3  # the log(1 + s) rounding
+    assert abs(-ref.log_softmax(z)[0, 0] / exact - 1) < 2e-3
